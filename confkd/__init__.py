@@ -19,8 +19,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
     __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "Config",
     "ConfKDError",
+    "Config",
     "ConfigError",
     "DatasetError",
     "GeometryError",

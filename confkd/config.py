@@ -63,6 +63,13 @@ class DataConfig:
     bbox_shrink: float = 0.5
     weak_seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check(self.n_strong >= 0, "data.n_strong", self.n_strong, "must be >= 0")
+        _check(self.erosion_iterations >= 0, "data.erosion_iterations", self.erosion_iterations, "must be >= 0")
+        _check(self.disc_count >= 1, "data.disc_count", self.disc_count, "must be >= 1")
+        _check(self.disc_radius >= 0, "data.disc_radius", self.disc_radius, "must be >= 0")
+        _check(0.0 < self.bbox_shrink <= 1.0, "data.bbox_shrink", self.bbox_shrink, "must be in (0, 1]")
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -80,6 +87,23 @@ class PreprocessConfig:
     normalization: Normalization = "zscore"
     pad_multiple: int = 16
 
+    def __post_init__(self) -> None:
+        if self.target_spacing is not None:
+            _check(
+                len(self.target_spacing) == self.spatial_dims,
+                "preprocess.target_spacing",
+                self.target_spacing,
+                f"needs {self.spatial_dims} values for spatial_dims={self.spatial_dims} "
+                "(or null for the dataset median)",
+            )
+            positive = all(s > 0 for s in self.target_spacing)
+            _check(positive, "preprocess.target_spacing", self.target_spacing, "must be > 0")
+        _check(self.slice_axis in (None, 0, 1, 2), "preprocess.slice_axis", self.slice_axis, "must be 0, 1, 2 or null")
+        lo, hi = self.clip_percentiles
+        ok = 0.0 <= lo < hi <= 100.0
+        _check(ok, "preprocess.clip_percentiles", self.clip_percentiles, "needs 0 <= low < high <= 100")
+        _check(self.pad_multiple >= 1, "preprocess.pad_multiple", self.pad_multiple, "must be >= 1")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -92,6 +116,13 @@ class ModelConfig:
     depth: int = 4
     norm: NormKind = "batch"
     dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, "must be >= 1")
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2 (background included)")
+        _check(self.width >= 1, "model.width", self.width, "must be >= 1")
+        _check(1 <= self.depth <= 7, "model.depth", self.depth, "must be between 1 and 7")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -118,6 +149,12 @@ class LossConfig:
     # the student also learns from dense labels on strong images (single-branch baselines use this)
     student_strong: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("lambda_strong", "lambda_weak", "lambda_kl", "lambda_ent", "lambda_pseudo"):
+            _check(getattr(self, name) >= 0.0, f"loss.{name}", getattr(self, name), "must be >= 0")
+        _check(self.temperature > 0.0, "loss.temperature", self.temperature, "must be > 0")
+        _check(0.0 <= self.pseudo_threshold < 1.0, "loss.pseudo_threshold", self.pseudo_threshold, "must be in [0, 1)")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -140,6 +177,22 @@ class TrainConfig:
     num_workers: int = 2
     deterministic: bool = False
 
+    def __post_init__(self) -> None:
+        _check(self.strong_per_batch >= 0, "train.strong_per_batch", self.strong_per_batch, "must be >= 0")
+        _check(self.weak_per_batch >= 0, "train.weak_per_batch", self.weak_per_batch, "must be >= 0")
+        _check(
+            self.strong_per_batch + self.weak_per_batch > 0,
+            "train.strong_per_batch",
+            self.strong_per_batch,
+            "and train.weak_per_batch cannot both be 0",
+        )
+        _check(self.iterations >= 1, "train.iterations", self.iterations, "must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1 or null")
+        _check(self.lr > 0.0, "train.lr", self.lr, "must be > 0")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", self.betas, "must be in [0, 1)")
+        _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
+        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -159,6 +212,11 @@ class Config:
     def replace(self, **overrides: str) -> Config:
         """Return a copy with ``{"loss.lambda_kl": "0.5"}``-style overrides applied."""
         return apply_overrides(self, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _check(ok: bool, key: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {problem}")
 
 
 def _plain(obj: Any) -> Any:

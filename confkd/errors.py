@@ -6,8 +6,8 @@ Every message names the offending file or value and, where there is one, the fix
 from __future__ import annotations
 
 __all__ = [
-    "ConfigError",
     "ConfKDError",
+    "ConfigError",
     "DatasetError",
     "GeometryError",
     "UnsupportedImageError",

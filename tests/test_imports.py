@@ -1,0 +1,25 @@
+"""``import confkd`` stays light: no CLI, ONNX Runtime or TensorRT at import time (STYLE.md habit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _modules_after(statement: str) -> set[str]:
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return set(json.loads(out))
+
+
+def test_import_confkd_is_light() -> None:
+    mods = _modules_after("import confkd, confkd.config, confkd.data, confkd.training")
+    for heavy in ("typer", "onnxruntime", "tensorrt", "onnx", "rich"):
+        assert heavy not in mods, f"`import confkd` imported {heavy}"
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    mods = _modules_after("import confkd.cli.main")
+    assert "torch" not in mods
+    assert "onnxruntime" not in mods and "tensorrt" not in mods
