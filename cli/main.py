@@ -37,6 +37,18 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def show_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A rich table on a terminal; tab-separated lines (header first) when piped, so scripts can parse them."""
+    if console.is_terminal:
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        for line in [headers, *rows]:
+            console.print("\t".join(line), highlight=False, markup=False, soft_wrap=True)
+
+
 def _version_callback(value: bool) -> None:
     if value:
         from confkd import __version__
@@ -63,9 +75,10 @@ def info(
     paths: Annotated[list[Path], typer.Argument(help="Image files (NIfTI, NRRD, MHA/MHD) or DICOM series folders.")],
 ) -> None:
     """Show the shape, spacing, orientation and header codes of medical images."""
-    from confkd.data.volume import describe_volume, read_volume
+    from confkd.data.describe import describe_volume
+    from confkd.data.volume import read_volume
 
-    table = Table("file", "format", "shape", "spacing (mm)", "orientation", "qform/sform", "dtype")
+    rows: list[list[str]] = []
     failed = 0
     for path in paths:
         try:
@@ -75,17 +88,20 @@ def info(
             failed += 1
             continue
         d = describe_volume(volume)
-        table.add_row(
-            str(path),
-            d["format"],
-            "×".join(str(n) for n in d["shape"]),
-            "×".join(f"{s:.3g}" for s in d["spacing"]),
-            d["orientation"],
-            d["codes"],
-            d["dtype"],
+        rows.append(
+            [
+                str(path),
+                d["format"],
+                "×".join(str(n) for n in d["shape"]),
+                "×".join(f"{s:.3g}" for s in d["spacing"]),
+                d["orientation"],
+                f"{d['obliquity_deg']:.1f}",
+                d["codes"],
+                d["dtype"],
+            ]
         )
-    if table.row_count:
-        console.print(table)
+    if rows:
+        show_table(["file", "format", "shape", "spacing mm", "axes", "oblique°", "q/s code", "dtype"], rows)
     if failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -111,10 +127,10 @@ def manifest(
         result.save(out)
     except ConfKDError as e:
         fail(str(e))
-    table = Table("supervision", "patients", "cases")
-    for supervision, counts in result.summary().items():
-        table.add_row(supervision, str(counts["patients"]), str(counts["cases"]))
-    console.print(table)
+    show_table(
+        ["supervision", "patients", "cases"],
+        [[str(k), str(v["patients"]), str(v["cases"])] for k, v in result.summary().items()],
+    )
     console.print(f"manifest written to {out}")
 
 

@@ -52,9 +52,7 @@ def _tensorrt_available() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skips = {
-        "slow": None
-        if config.getoption("--runslow")
-        else pytest.mark.skip(reason="slow test: run with --runslow"),
+        "slow": None if config.getoption("--runslow") else pytest.mark.skip(reason="slow test: run with --runslow"),
         "gpu": None if _cuda_available() else pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)"),
         "trt": None
         if _tensorrt_available()

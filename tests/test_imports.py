@@ -23,3 +23,17 @@ def test_cli_help_does_not_import_torch() -> None:
     mods = _modules_after("import confkd.cli.main")
     assert "torch" not in mods
     assert "onnxruntime" not in mods and "tensorrt" not in mods
+
+
+def test_cli_info_does_not_import_torch() -> None:
+    mods = _modules_after(
+        "from confkd.data.describe import describe_volume; from confkd.data.volume import read_volume"
+    )
+    assert "torch" not in mods
+
+
+def test_lazy_data_exports_resolve() -> None:
+    import confkd.data
+
+    for name in confkd.data.__all__:
+        assert getattr(confkd.data, name) is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,17 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 def covers(entry: str, case: str) -> bool:
     """Whether split entry ``entry`` (a patient or case id) covers case ``case`` (see the module docstring)."""
     return case == entry or case.startswith(entry + "_")
+
+
+def _covering_ids(case: str) -> list[str]:
+    """Every entry that would cover ``case``: the case itself and each prefix that ends before an "_"."""
+    return [case] + [case[:i] for i, ch in enumerate(case) if ch == "_" and i > 0]
+
+
+def _owners(case: str, splits: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
+    """The (split, entry) pairs of ``splits`` that cover ``case``."""
+    ids = set(_covering_ids(case))
+    return [(s, e) for s, entries in splits.items() for e in entries if e in ids]
 
 
 @dataclass(frozen=True)
@@ -108,19 +120,18 @@ class NnUNetDataset:
             )
 
         splits, used_fold = _read_splits(root / "splits.json", fold)
-        all_names = sorted(train_images) + sorted(test_images)
+        coverable = {i for name in [*train_images, *test_images] for i in _covering_ids(name)}
         for split, entries in splits.items():
             for entry in entries:
-                if not any(covers(entry, c) for c in all_names):
+                if entry not in coverable:
                     raise DatasetError(
                         f"{root / 'splits.json'}: split {split!r} names {entry!r}, which covers no case in "
                         f"imagesTr or imagesTs; remove it or add its images"
                     )
-        entries_all = sorted({e for entries in splits.values() for e in entries})
 
         def patient_of(case: str) -> str:
-            owners = [e for e in entries_all if covers(e, case)]
-            return owners[0] if len(owners) == 1 else case
+            owners = {e for _, e in _owners(case, splits)}
+            return owners.pop() if len(owners) == 1 else case
 
         cases = tuple(
             Case(name, patient_of(name), paths, label_files.get(name), scribble_files.get(name))
@@ -182,7 +193,7 @@ class NnUNetDataset:
         if split not in self.splits:
             raise DatasetError(f"{path}: no split {split!r}; available splits: {', '.join(self.splits)}")
         for case in self.cases:
-            owners = [(s, e) for s, entries in self.splits.items() for e in entries if covers(e, case.name)]
+            owners = _owners(case.name, self.splits)
             if not owners:
                 raise DatasetError(
                     f"{path}: training case {case.name!r} is covered by no split entry; "
@@ -194,8 +205,7 @@ class NnUNetDataset:
                     f"{path}: training case {case.name!r} is covered by {len(owners)} entries ({listed}); "
                     f"each case must belong to exactly one patient of one split"
                 )
-        entries = self.splits[split]
-        return tuple(c for c in self.cases if any(covers(e, c.name) for e in entries))
+        return tuple(c for c in self.cases if _owners(c.name, {split: self.splits[split]}))
 
     def patients_of_split(self, split: str) -> tuple[str, ...]:
         """The sorted patient ids of the training cases of ``split``."""
@@ -313,7 +323,7 @@ def _read_splits(path: Path, fold: int) -> tuple[dict[str, tuple[str, ...]], int
     for name, entries in data.items():
         if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
             raise DatasetError(f"{path}: split {name!r} must be a list of patient or case ids (non-empty strings)")
-        duplicates = sorted({e for e in entries if entries.count(e) > 1})
+        duplicates = sorted(e for e, n in Counter(entries).items() if n > 1)
         if duplicates:
             raise DatasetError(f"{path}: split {name!r} lists {', '.join(duplicates)} more than once; remove repeats")
         splits[str(name)] = tuple(entries)

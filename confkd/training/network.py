@@ -88,9 +88,7 @@ def _act(kind: str) -> nn.Module:
 class ConvNormAct(nn.Sequential):
     """``conv(k=3, padding=1) -> norm -> activation``; the conv has no bias (the norm's shift replaces it)."""
 
-    def __init__(
-        self, in_ch: int, out_ch: int, spatial_dims: int, norm: str, act: str, stride: int = 1
-    ) -> None:
+    def __init__(self, in_ch: int, out_ch: int, spatial_dims: int, norm: str, act: str, stride: int = 1) -> None:
         super().__init__(
             _conv(spatial_dims)(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False),
             _norm(norm, spatial_dims, out_ch),
@@ -184,13 +182,13 @@ class Decoder(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         x = features[-1]
         skips = features[-2::-1]
-        for up, block, skip in zip(self.ups, self.blocks, skips):
+        for up, block, skip in zip(self.ups, self.blocks, skips, strict=True):
             x = block(torch.cat([up(x), skip], dim=1))
         return self.head(x)
 
 
 def check_input_shape(x: Tensor, spatial_dims: int, in_channels: int, divisor: int) -> None:
-    """Raise :class:`GeometryError` unless ``x`` is ``[N, in_channels, *spatial]`` with sizes divisible by ``divisor``."""
+    """Raise :class:`GeometryError` unless ``x`` is ``[N, in_channels, *spatial]``, sizes divisible by ``divisor``."""
     if x.dim() != spatial_dims + 2:
         layout = "N, C, H, W" if spatial_dims == 2 else "N, C, D, H, W"
         raise GeometryError(
@@ -203,7 +201,7 @@ def check_input_shape(x: Tensor, spatial_dims: int, in_channels: int, divisor: i
     # no int(): under torch.compile with dynamic shapes that would specialise (and recompile) per size
     spatial = tuple(x.shape[2:])
     if any(s % divisor != 0 for s in spatial):
-        sizes = ", ".join(f"{name}={s}" for name, s in zip(_AXIS_NAMES[spatial_dims], spatial))
+        sizes = ", ".join(f"{name}={s}" for name, s in zip(_AXIS_NAMES[spatial_dims], spatial, strict=True))
         padded = tuple(math.ceil(s / divisor) * divisor for s in spatial)
         raise GeometryError(
             f"Wrong input shape {sizes}. Expected every spatial size divisible by {divisor}. "
