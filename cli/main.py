@@ -23,8 +23,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # never print patient paths or tensors in a traceback
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: never insert line breaks into long paths in messages
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran but some input failed
@@ -46,7 +47,7 @@ def show_table(headers: list[str], rows: list[list[str]]) -> None:
         console.print(table)
     else:
         for line in [headers, *rows]:
-            console.print("\t".join(line), highlight=False, markup=False, soft_wrap=True)
+            typer.echo("\t".join(line))
 
 
 def _version_callback(value: bool) -> None:
