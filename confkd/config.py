@@ -23,6 +23,7 @@ import yaml
 from confkd.errors import ConfigError
 
 __all__ = [
+    "AugmentConfig",
     "Config",
     "DataConfig",
     "LossConfig",
@@ -51,7 +52,7 @@ class DataConfig:
 
     train_split: str = "train"
     val_split: str = "val"
-    n_strong: int = 7
+    n_strong: int | None = 7  # null: every patient of the train split is strong (the upper bound)
     strong_seed: int = 0
     weak_source: WeakSource = "scribbles"
     # erosion seeds: number of binary-erosion iterations per class (falls back when a structure vanishes)
@@ -64,7 +65,7 @@ class DataConfig:
     weak_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.n_strong >= 0, "data.n_strong", self.n_strong, "must be >= 0")
+        _check(self.n_strong is None or self.n_strong >= 0, "data.n_strong", self.n_strong, "must be >= 0 or null")
         _check(self.erosion_iterations >= 0, "data.erosion_iterations", self.erosion_iterations, "must be >= 0")
         _check(self.disc_count >= 1, "data.disc_count", self.disc_count, "must be >= 1")
         _check(self.disc_radius >= 0, "data.disc_radius", self.disc_radius, "must be >= 0")
@@ -103,6 +104,44 @@ class PreprocessConfig:
         ok = 0.0 <= lo < hi <= 100.0
         _check(ok, "preprocess.clip_percentiles", self.clip_percentiles, "needs 0 <= low < high <= 100")
         _check(self.pad_multiple >= 1, "preprocess.pad_multiple", self.pad_multiple, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation, applied on the training device to the image, dense and sparse labels alike.
+
+    Spatial transforms (rotation, scaling, flips, elastic deformation) move the labels with the image
+    (nearest-neighbour); intensity transforms touch the image only. Probabilities are per image.
+    """
+
+    enabled: bool = True
+    p_rotate: float = 0.5
+    rotate_degrees: float = 180.0
+    p_scale: float = 0.5
+    scale_range: tuple[float, float] = (0.85, 1.25)
+    p_flip: float = 0.5
+    p_elastic: float = 0.2
+    elastic_alpha: float = 0.1  # displacement amplitude as a fraction of the patch size
+    elastic_sigma: float = 0.1  # smoothness of the displacement field as a fraction of the patch size
+    p_gamma: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_contrast: float = 0.3
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_brightness: float = 0.3
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_noise: float = 0.15
+    noise_std: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("p_rotate", "p_scale", "p_flip", "p_elastic", "p_gamma", "p_contrast", "p_brightness", "p_noise"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"augment.{name}", value, "must be a probability in [0, 1]")
+        for name in ("scale_range", "gamma_range", "contrast_range", "brightness_range"):
+            lo, hi = getattr(self, name)
+            _check(0.0 < lo <= hi, f"augment.{name}", (lo, hi), "needs 0 < low <= high")
+        _check(self.elastic_alpha >= 0.0, "augment.elastic_alpha", self.elastic_alpha, "must be >= 0")
+        _check(self.elastic_sigma > 0.0, "augment.elastic_sigma", self.elastic_sigma, "must be > 0")
+        _check(self.noise_std >= 0.0, "augment.noise_std", self.noise_std, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -200,6 +239,7 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -46,7 +46,7 @@ def test_unknown_key_lists_valid_keys(tmp_path: Path) -> None:
 
 
 def test_unknown_section_and_override_key() -> None:
-    with pytest.raises(ConfigError, match="valid keys here: data, preprocess, model, loss, train, name"):
+    with pytest.raises(ConfigError, match="valid keys here: data, preprocess, augment, model, loss, train, name"):
         config_from_dict({"optim": {}})
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.learning_rate'.*train\.lr"):
         apply_overrides(Config(), ["train.learning_rate=1"])

@@ -402,12 +402,18 @@ def build_manifest(
 
 
 def build_manifest_from_config(dataset: NnUNetDataset, data_cfg: DataConfig) -> Manifest:
-    """:func:`build_manifest` with every choice taken from a :class:`~confkd.config.DataConfig`."""
+    """:func:`build_manifest` with every choice taken from a :class:`~confkd.config.DataConfig`.
+
+    ``data_cfg.n_strong = None`` makes every patient of the training split strong (the upper-bound regime).
+    """
     source = data_cfg.weak_source
+    n_strong = data_cfg.n_strong
+    if n_strong is None:
+        n_strong = len(dataset.patients_of_split(data_cfg.train_split)) if dataset.splits else len(dataset.cases)
     return build_manifest(
         dataset,
         split=data_cfg.train_split,
-        n_strong=data_cfg.n_strong,
+        n_strong=n_strong,
         seed=data_cfg.strong_seed,
         weak_source=source,
         val_split=data_cfg.val_split,

@@ -295,3 +295,10 @@ def test_real_hippocampus_needs_a_generated_weak_source(hippocampus_dir: Path) -
     manifest = build_manifest(ds, n_strong=5, seed=0, weak_source="erosion")
     assert manifest.summary()["strong"] == {"patients": 5, "cases": 5}
     assert manifest.ignore_index == 3
+
+
+def test_config_n_strong_null_means_every_train_patient(dataset: NnUNetDataset) -> None:
+    manifest = build_manifest_from_config(dataset, DataConfig(n_strong=None, weak_source="erosion"))
+    train_patients = set(dataset.patients_of_split("train"))
+    assert set(manifest.strong_patients()) == train_patients
+    assert manifest.weak_cases() == ()
