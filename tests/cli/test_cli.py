@@ -113,3 +113,28 @@ def test_info_on_real_acdc_file(acdc_dir: Path) -> None:
     assert row[2] == "×".join(str(n) for n in img.shape)
     assert row[4] == "".join(nib.orientations.aff2axcodes(img.affine))
     assert float(row[5]) == pytest.approx(0.0, abs=0.05)  # this ACDC header is axis-aligned
+
+
+def test_evaluate_command_on_phantom_labels(phantom_dir: Path, tmp_path: Path) -> None:
+    """Labels scored against themselves: Dice 1, HD95 0; a missing prediction gives exit code 1."""
+    import shutil
+
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    labels = sorted((phantom_dir / "labelsTr").iterdir())
+    for path in labels[:-1]:
+        shutil.copy(path, preds / path.name.replace(".nii.gz", "_seg.nii.gz"))
+    result = runner.invoke(
+        app,
+        ["evaluate", str(preds), str(phantom_dir / "labelsTr"), "--dataset-json", str(phantom_dir / "dataset.json")],
+    )
+    assert result.exit_code == 1, result.output  # the last label has no prediction
+    assert labels[-1].name.replace(".nii.gz", "") in result.output
+    lines = [line.split("\t") for line in result.stdout.splitlines() if "\t" in line]
+    assert lines[0] == ["class", "Dice", "HD95 mm", "cases"]
+    by_class = {row[0]: row for row in lines[1:]}
+    assert set(by_class) == {"RV", "MYO", "LV", "mean"}
+    assert by_class["mean"][1].startswith("1.0000")
+    assert by_class["mean"][2].startswith("0.00")
+    assert by_class["LV"][3] == str(len(labels) - 1)
+    assert (preds / "per_case.csv").is_file() and (preds / "summary.csv").is_file()
