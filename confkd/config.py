@@ -121,7 +121,7 @@ class AugmentConfig:
     scale_range: tuple[float, float] = (0.85, 1.25)
     p_flip: float = 0.5
     p_elastic: float = 0.2
-    elastic_alpha: float = 0.1  # displacement amplitude as a fraction of the patch size
+    elastic_alpha: float = 0.05  # largest displacement as a fraction of the patch size (0.1 can fold the grid)
     elastic_sigma: float = 0.1  # smoothness of the displacement field as a fraction of the patch size
     p_gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
