@@ -77,9 +77,12 @@ def train(
     except KeyboardInterrupt:
         err_console.print(f"interrupted: resume with  confkd train {dataset} --out {out} --resume")
         raise typer.Exit(130) from None
+    best = (
+        "no validation split" if result.best_metric is None else f"best student mean val Dice {result.best_metric:.4f}"
+    )
     console.print(
-        f"done: {result.steps} steps, {result.images_per_s:.1f} images/s, best student mean Dice "
-        f"{result.best_metric:.4f}; best checkpoint {result.best_checkpoint}"
+        f"done: {result.steps} steps, {result.images_per_s:.1f} images/s, {best}; "
+        f"checkpoints in {result.run_dir} (best: {result.best_checkpoint.name}, last: {result.last_checkpoint.name})"
     )
 
 
@@ -103,7 +106,8 @@ def evaluate(
         fail(str(e))
     dice, hd = result.summary["dice"], result.summary["hd95"]
     rows = []
-    for key in [*result.classes, "mean"]:
+    keys: list[int | str] = [*result.classes, "mean"]
+    for key in keys:
         name = result.classes[key] if isinstance(key, int) else "mean"
         d, h = dice[key], hd[key]
         nan_note = f" ({h.n_nan} undefined)" if h.n_nan else ""

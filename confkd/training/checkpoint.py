@@ -1,0 +1,237 @@
+"""Self-describing checkpoints: weights plus everything needed to rebuild, run and resume the model.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` can read: only tensors, dicts, lists,
+tuples, strings, numbers, booleans and None (NumPy and Python RNG states are converted). Keys:
+
+=================  ==========================================================================================
+``format``         :data:`FORMAT` (``"confkd-checkpoint"``); ``format_version``: :data:`FORMAT_VERSION`
+``config``         the resolved :class:`~confkd.config.Config` as a dict (target spacing filled in)
+``preprocessing``  the resolved preprocessing (spatial dims, target spacing, slice axis, clipping, normalisation,
+                   pad multiple): a copy of ``config["preprocess"]`` for readers that only want that
+``labels``         class names by index (background first) and ``ignore_index``
+``dataset``        name, fingerprint (see :func:`~confkd.data.manifest.dataset_fingerprint`), strong patients
+``versions``       confkd, torch, python
+``step``           optimisation steps behind the weights
+``model``          the model's ``state_dict`` (unwrapped from DDP / ``torch.compile``)
+``train``          resume state (optional): step, best metric, optimizer, scheduler, grad scaler, sampler and
+                   RNG states per rank
+=================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+import random
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from confkd.config import Config, config_from_dict
+from confkd.errors import ConfigError, ConfKDError
+from confkd.io_utils import atomic_path
+from confkd.training.network import DualBranchUNet, UNet, create_model
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "build_model_from_checkpoint",
+    "capture_rng_state",
+    "load_checkpoint",
+    "make_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "student_state_dict",
+    "unwrap_model",
+]
+
+FORMAT = "confkd-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("format", "format_version", "config", "preprocessing", "labels", "dataset", "versions", "model")
+
+
+class CheckpointError(ConfKDError, ValueError):
+    """A file is not a readable confkd checkpoint (foreign, corrupt, truncated or from a newer version)."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _versions() -> dict[str, str]:
+    import confkd
+
+    return {"confkd": confkd.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
+
+
+def make_checkpoint(
+    model: nn.Module,
+    config: Config,
+    *,
+    label_names: Sequence[str],
+    ignore_index: int,
+    dataset_name: str,
+    dataset_fingerprint: str,
+    strong_patients: Sequence[str] = (),
+    step: int = 0,
+    train_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the checkpoint dict (tensors stay where they are; :func:`save_checkpoint` writes them).
+
+    ``step``: the optimisation steps behind these weights. ``train_state``: what resuming needs (last checkpoint).
+
+    ``config`` must be resolved: a null ``preprocess.target_spacing`` would not reproduce the preprocessing.
+    """
+    if config.preprocess.target_spacing is None:
+        raise ConfigError(
+            "make_checkpoint needs the resolved config: preprocess.target_spacing is null; set it to the spacing "
+            "the model was trained at (the training-set median)"
+        )
+    ckpt: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "preprocessing": config.to_dict()["preprocess"],
+        "labels": {"names": list(label_names), "ignore_index": int(ignore_index)},
+        "dataset": {
+            "name": dataset_name,
+            "fingerprint": dataset_fingerprint,
+            "strong_patients": list(strong_patients),
+        },
+        "versions": _versions(),
+        "step": int(step),
+        "model": unwrap_model(model).state_dict(),
+    }
+    if train_state is not None:
+        ckpt["train"] = dict(train_state)
+    return ckpt
+
+
+def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``checkpoint`` atomically (a crash leaves the previous file intact); returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(dict(checkpoint), tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint written by :func:`save_checkpoint` (``weights_only=True``: no code runs).
+
+    Raises:
+        CheckpointError: missing, truncated, corrupt or foreign file, or an unsupported format version; the
+            message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable confkd checkpoint (corrupt or foreign: {_reason(e)})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a confkd checkpoint (format {found!r}, expected {FORMAT!r})")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version!r} is not supported by this confkd (reads up to "
+            f"{FORMAT_VERSION}); upgrade confkd"
+        )
+    missing = [k for k in _REQUIRED if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it is incomplete or corrupt")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a torch.load error (its first lines are generic advice)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    specific = [ln for ln in lines if "error:" in ln.lower()]
+    text = (specific or lines or [type(error).__name__])[-1 if specific else 0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def checkpoint_config(ckpt: Mapping[str, Any]) -> Config:
+    """The :class:`Config` stored in a checkpoint (raises :class:`CheckpointError` when it does not validate)."""
+    try:
+        return config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.get('path', 'checkpoint')}: its config does not validate ({e})") from e
+
+
+def build_model_from_checkpoint(ckpt: Mapping[str, Any]) -> tuple[DualBranchUNet | UNet, Config]:
+    """Rebuild the trained model (on the CPU, in eval mode) and its config from a loaded checkpoint."""
+    config = checkpoint_config(ckpt)
+    model = create_model(config.model, config.preprocess.spatial_dims)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{ckpt.get('path', 'checkpoint')}: weights do not fit the model its config describes ({e})"
+        ) from e
+    return model.eval(), config
+
+
+def student_state_dict(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The deployable student's weights, keyed as :class:`~confkd.training.network.SegmentationNetwork`'s.
+
+    ``encoder.*`` is kept; the student decoder (``student.*`` of the dual model, ``decoder.*`` of the
+    single-branch U-Net) becomes ``decoder.*``; the teacher decoder is dropped.
+    """
+    name = checkpoint_config(ckpt).model.name
+    prefix = "student." if name == "dual_unet" else "decoder."
+    out: dict[str, Tensor] = {}
+    for key, value in ckpt["model"].items():
+        if key.startswith("encoder."):
+            out[key] = value
+        elif key.startswith(prefix):
+            out["decoder." + key[len(prefix) :]] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def capture_rng_state() -> dict[str, Any]:
+    """Torch (CPU and every CUDA device), NumPy legacy global and Python ``random`` states, weights_only-safe."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the legacy global state is what we save)
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    np_state = state["numpy"]
+    keys = np_state["keys"].cpu().numpy().astype(np.uint32)
+    legacy = (np_state["kind"], keys, np_state["pos"], np_state["has_gauss"], np_state["gauss"])
+    np.random.set_state(legacy)  # noqa: NPY002
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
