@@ -209,10 +209,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine", "poly"] = "constant"
     patch_size: tuple[int, ...] | None = None
+    # share of crops centred on an annotated foreground voxel (nnU-Net's oversample_foreground_percent, 1/3)
+    foreground_fraction: float = 0.33
     val_every: int = 1000
+    # steps between log lines, progress callbacks and metrics.jsonl train records (each one is a host-device sync)
+    log_every: int = 10
     seed: int = 0
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = True
+    # under torchrun: BatchNorm statistics over the global batch rather than each rank's (CUDA only)
+    sync_batchnorm: bool = False
     num_workers: int = 2
     deterministic: bool = False
 
@@ -229,7 +235,10 @@ class TrainConfig:
         _check(self.epochs is None or self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1 or null")
         _check(self.lr > 0.0, "train.lr", self.lr, "must be > 0")
         _check(all(0.0 <= b < 1.0 for b in self.betas), "train.betas", self.betas, "must be in [0, 1)")
+        fraction = self.foreground_fraction
+        _check(0.0 <= fraction <= 1.0, "train.foreground_fraction", fraction, "must be a fraction in [0, 1]")
         _check(self.val_every >= 1, "train.val_every", self.val_every, "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
 
 

@@ -1,15 +1,35 @@
 """The exceptions the library raises. The CLI maps them to exit codes and one-line messages.
 
 Every message names the offending file or value and, where there is one, the fix.
+
+Hierarchy (each also derives from the built-in exception that describes it, so generic handlers keep working)::
+
+    ConfKDError
+    ├── ConfigError            ValueError
+    ├── DatasetError           ValueError
+    ├── GeometryError          ValueError
+    ├── VolumeReadError        OSError
+    │   └── UnsupportedImageError
+    ├── VolumeWriteError       OSError
+    ├── ModelFileError         ValueError
+    │   └── CheckpointError
+    ├── RunDirectoryError      ValueError
+    ├── DeviceError            RuntimeError
+    └── DistributedError       RuntimeError
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConfKDError",
     "ConfigError",
     "DatasetError",
+    "DeviceError",
+    "DistributedError",
     "GeometryError",
+    "ModelFileError",
+    "RunDirectoryError",
     "UnsupportedImageError",
     "VolumeReadError",
     "VolumeWriteError",
@@ -42,3 +62,27 @@ class VolumeWriteError(ConfKDError, OSError):
 
 class DatasetError(ConfKDError, ValueError):
     """A dataset folder, dataset.json, splits.json or case manifest is missing or inconsistent."""
+
+
+class ModelFileError(ConfKDError, ValueError):
+    """A trained-model file (checkpoint, exported student, engine) is missing, corrupt, foreign or too new.
+
+    Export and inference raise a subclass of this for their own artefacts, so a caller that loads "a model" can
+    catch one exception whatever the file's kind.
+    """
+
+
+class CheckpointError(ModelFileError):
+    """A file is not a readable confkd checkpoint (foreign, corrupt, truncated or from a newer version)."""
+
+
+class RunDirectoryError(ConfKDError, ValueError):
+    """The run directory cannot be used (not empty without resume, nothing to resume, a file in the way)."""
+
+
+class DeviceError(ConfKDError, RuntimeError):
+    """The requested device does not exist on this machine (e.g. cuda requested but torch sees no GPU)."""
+
+
+class DistributedError(ConfKDError, RuntimeError):
+    """The torchrun environment is inconsistent or the process group cannot be set up."""

@@ -76,6 +76,24 @@ def test_bad_values_are_rejected_with_the_key(override: str, match: str) -> None
         apply_overrides(Config(), [override])
 
 
+def test_train_keys_for_logging_sampling_and_sync_batchnorm() -> None:
+    cfg = Config().train
+    assert (cfg.log_every, cfg.foreground_fraction, cfg.sync_batchnorm) == (10, 0.33, False)
+    changed = apply_overrides(
+        Config(), ["train.log_every=1", "train.foreground_fraction=0", "train.sync_batchnorm=true"]
+    )
+    assert (changed.train.log_every, changed.train.foreground_fraction, changed.train.sync_batchnorm) == (1, 0.0, True)
+    for override, match in (
+        ("train.log_every=0", r"train\.log_every=0 must be >= 1"),
+        ("train.log_every=2.5", "expected an integer"),
+        ("train.foreground_fraction=1.5", r"train\.foreground_fraction=1\.5 must be a fraction in \[0, 1\]"),
+        ("train.foreground_fraction=-0.1", "must be a fraction"),
+        ("train.sync_batchnorm=sometimes", "expected true/false"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(Config(), [override])
+
+
 def test_int_is_accepted_for_float_but_not_bool() -> None:
     assert apply_overrides(Config(), ["loss.lambda_kl=2"]).loss.lambda_kl == 2.0
     with pytest.raises(ConfigError):

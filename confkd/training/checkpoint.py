@@ -13,29 +13,33 @@ tuples, strings, numbers, booleans and None (NumPy and Python RNG states are con
 ``versions``       confkd, torch, python
 ``step``           optimisation steps behind the weights
 ``model``          the model's ``state_dict`` (unwrapped from DDP / ``torch.compile``)
-``train``          resume state (optional): step, best metric, optimizer, scheduler, grad scaler, sampler and
-                   RNG states per rank
+``train``          resume state (optional; :func:`train_state`): step, best metric, optimizer, scheduler, grad
+                   scaler and, per rank, the sampler's, the augmentation's and the global RNG states
 =================  ==========================================================================================
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import platform
 import random
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from confkd.config import Config, config_from_dict
-from confkd.errors import ConfigError, ConfKDError
+from confkd.errors import CheckpointError, ConfigError
 from confkd.io_utils import atomic_path
 from confkd.training.network import DualBranchUNet, UNet, create_model
+
+if TYPE_CHECKING:
+    from confkd.training.data import MixedBatchSampler
 
 __all__ = [
     "FORMAT",
@@ -45,19 +49,20 @@ __all__ = [
     "capture_rng_state",
     "load_checkpoint",
     "make_checkpoint",
+    "rank_state",
     "restore_rng_state",
+    "restore_train_state",
     "save_checkpoint",
     "student_state_dict",
+    "train_state",
     "unwrap_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "confkd-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED = ("format", "format_version", "config", "preprocessing", "labels", "dataset", "versions", "model")
-
-
-class CheckpointError(ConfKDError, ValueError):
-    """A file is not a readable confkd checkpoint (foreign, corrupt, truncated or from a newer version)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -235,3 +240,63 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state(legacy)  # noqa: NPY002
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+
+
+# -------------------------------------------------------------------------------------------- resume state
+def rank_state(sampler: MixedBatchSampler, augment_generator: torch.Generator) -> dict[str, Any]:
+    """One rank's random streams: the sampler's and the augmentation's generators and the global RNG states."""
+    return {"sampler": sampler.state_dict(), "augment": augment_generator.get_state(), "rng": capture_rng_state()}
+
+
+def train_state(
+    *,
+    step: int,
+    best_metric: float | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    ranks: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A checkpoint's ``train`` entry; ``ranks``: every rank's :func:`rank_state`, indexed by rank."""
+    return {
+        "step": step,
+        "best_metric": best_metric,
+        "world_size": len(ranks),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "ranks": ranks,
+    }
+
+
+def restore_train_state(
+    state: Mapping[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    sampler: MixedBatchSampler,
+    augment_generator: torch.Generator,
+    rank: int,
+    world_size: int,
+) -> tuple[int, float | None]:
+    """Load a :func:`train_state` into these objects (and the global RNGs); returns its step and best metric.
+
+    The random streams are per rank: on another number of processes they restart (a warning says so).
+    """
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    ranks = state["ranks"]
+    if len(ranks) == world_size:
+        mine = ranks[rank]
+        sampler.load_state_dict(mine["sampler"])
+        augment_generator.set_state(mine["augment"])
+        restore_rng_state(mine["rng"])
+    else:
+        logger.warning(
+            "resuming on %d processes a run saved from %d: random streams restart (not an exact resume)",
+            world_size,
+            len(ranks),
+        )
+    return int(state["step"]), state["best_metric"]

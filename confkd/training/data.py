@@ -17,9 +17,9 @@ entropy terms use every voxel of them.
 
 Each draw takes ``n_strong`` strong and ``n_weak`` weak items uniformly with replacement from a
 ``torch.Generator`` (the only source of randomness, so its state is the sampler's state), and crops each to the
-patch size. As in nnU-Net, a third of the crops (each crop independently, with probability
-``foreground_fraction``) are centred on an annotated non-background voxel: a class is drawn uniformly among
-those present in the item, then a voxel of that class. Items smaller than the patch are padded.
+patch size. As in nnU-Net, a fraction of the crops (``train.foreground_fraction``, a third by default; each crop
+independently) are centred on an annotated non-background voxel: a class is drawn uniformly among those present
+in the item, then a voxel of that class. Items smaller than the patch are padded.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from confkd.config import PreprocessConfig
+from confkd.config import PreprocessConfig, TrainConfig
 from confkd.data.manifest import Manifest, ManifestEntry, Supervision
 from confkd.data.preprocessing import PreprocessState, median_spacing, preprocess_label, select_slice_axis
 from confkd.data.volume import read_volume
@@ -42,22 +42,17 @@ from confkd.errors import ConfigError, DatasetError
 from confkd.inference.predict import preprocess_image
 
 __all__ = [
-    "FOREGROUND_FRACTION",
     "Batch",
     "MixedBatchSampler",
     "RawCase",
     "TrainCase",
     "TrainingSet",
-    "ValidationCase",
     "default_patch_size",
     "read_case",
-    "read_validation_cases",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: fraction of crops centred on an annotated foreground voxel (nnU-Net's oversample_foreground_percent)
-FOREGROUND_FRACTION = 1 / 3
 #: per-side cap of the default patch size: 2D slices, 3D volumes (nnU-Net's 3D patches rarely exceed 128)
 PATCH_CAP = {2: 256, 3: 128}
 #: foreground voxel locations kept per class and item (evenly subsampled beyond this; nnU-Net keeps 10k too)
@@ -303,7 +298,9 @@ class Batch:
 class MixedBatchSampler:
     """Draws ``n_strong`` strong and ``n_weak`` weak crops per batch (see the module docstring).
 
-    ``pin_memory``: allocate the image, label and ``is_strong`` tensors in pinned memory (for CUDA training).
+    ``foreground_fraction``: probability that a crop is centred on an annotated foreground voxel
+    (``train.foreground_fraction``). ``pin_memory``: allocate the image, label and ``is_strong`` tensors in pinned
+    memory (for CUDA training).
 
     A count of 0 or an empty pool leaves that part out, so the batch holds the other pool only (the lower bound
     has no weak images); both empty raises :class:`DatasetError`. ``seed`` and ``rank`` seed the generator, so
@@ -319,7 +316,7 @@ class MixedBatchSampler:
         *,
         seed: int,
         rank: int = 0,
-        foreground_fraction: float = FOREGROUND_FRACTION,
+        foreground_fraction: float = TrainConfig.foreground_fraction,
         pin_memory: bool = False,
     ) -> None:
         if len(patch_size) != data.spatial_dims or any(p < 1 for p in patch_size):
@@ -327,6 +324,8 @@ class MixedBatchSampler:
                 f"train.patch_size={list(patch_size)} needs {data.spatial_dims} positive sizes for "
                 f"spatial_dims={data.spatial_dims}"
             )
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ConfigError(f"train.foreground_fraction={foreground_fraction!r} must be a fraction in [0, 1]")
         self.data = data
         self.patch_size = tuple(int(p) for p in patch_size)
         self.n_strong = n_strong if len(data.strong_items) else 0
@@ -426,25 +425,3 @@ def _crop_into(out: Tensor, src: Tensor, starts: Sequence[int], fill: Sequence[f
         dst_sl.append(slice(a - start, b - start))
     lead = [slice(None)] * (out.ndim - nd)
     out[tuple(lead + dst_sl)] = src[tuple(lead + src_sl)]
-
-
-# ---------------------------------------------------------------------------------------------- validation
-@dataclass(frozen=True)
-class ValidationCase:
-    """A labelled case of the validation split, raw: image channels and dense label ``[i, j, k]``."""
-
-    name: str
-    channels: tuple[np.ndarray, ...]
-    label: np.ndarray
-    spacing: tuple[float, float, float]
-
-
-def read_validation_cases(manifest: Manifest, split: str, cfg: PreprocessConfig) -> list[ValidationCase]:
-    """The cases of ``split`` with supervision "none" and a dense label (the others cannot be scored)."""
-    entries = [e for e in manifest.cases(split) if e.supervision is Supervision.NONE and e.label_path is not None]
-    out = []
-    for entry in entries:
-        raw = read_case(entry, manifest, cfg)
-        assert raw.label is not None  # label_path is set
-        out.append(ValidationCase(entry.case, raw.channels, raw.label.astype(np.int64), raw.spacing))
-    return out

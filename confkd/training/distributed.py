@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from confkd.errors import ConfigError, ConfKDError
+from confkd.errors import ConfigError, DeviceError, DistributedError
 
 __all__ = [
     "DeviceError",
@@ -32,20 +32,14 @@ __all__ = [
     "mean_across_ranks",
     "resolve_amp",
     "resolve_device",
+    "resolve_process_device",
+    "wrap_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: how long a rank waits for the others (rank 0 validates while the others wait at a barrier)
 TIMEOUT = datetime.timedelta(minutes=60)
-
-
-class DeviceError(ConfKDError, RuntimeError):
-    """The requested device does not exist on this machine (e.g. cuda requested but torch sees no GPU)."""
-
-
-class DistributedError(ConfKDError, RuntimeError):
-    """The torchrun environment is inconsistent or the process group cannot be set up."""
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -70,6 +64,18 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
             raise DeviceError(f"device {device!r}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0...)")
         return torch.device("cuda", int(index))
     raise ConfigError(f"unknown device {device!r}; available options are: auto, cpu, cuda, cuda:N")
+
+
+def resolve_process_device(device: str) -> torch.device:
+    """:func:`resolve_device` for this process, which under torchrun must take its own GPU (``cuda:LOCAL_RANK``)."""
+    local_rank = _env_int("LOCAL_RANK") or 0
+    dev = resolve_device(device, local_rank)
+    if (_env_int("WORLD_SIZE") or 1) > 1 and dev.type == "cuda" and dev.index != local_rank:
+        raise DeviceError(
+            f"device {device!r} under torchrun: every process would use {dev}; pass --device cuda (or auto) so that "
+            "each process takes cuda:LOCAL_RANK"
+        )
+    return dev
 
 
 def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
@@ -187,3 +193,21 @@ def broadcast_buffers(info: DistInfo, model: nn.Module) -> None:
         return
     for buffer in model.buffers():
         dist.broadcast(buffer.data, src=0)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, *, sync_batchnorm: bool = False) -> nn.Module:
+    """The module a training step calls: ``model`` itself in one process, DistributedDataParallel around it in several.
+
+    ``sync_batchnorm``: first turn every BatchNorm of ``model`` into a SyncBatchNorm (batch statistics over all
+    ranks; CUDA only, see :func:`~confkd.training.run_config.check_config`). The conversion replaces the modules
+    inside ``model`` but moves the very same parameter and buffer tensors into them, so an optimiser built on
+    ``model.parameters()`` stays valid and the ``state_dict`` keys (hence checkpoints) do not change.
+
+    ``find_unused_parameters=False``: the trainer freezes the branches the objective cannot reach instead.
+    """
+    if not info.enabled:
+        return model
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)

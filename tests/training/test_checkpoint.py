@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from confkd import errors
 from confkd.config import Config, config_from_dict
 from confkd.errors import ConfigError
 from confkd.training.checkpoint import (
@@ -158,6 +159,17 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=message) as info:
             load_checkpoint(path)
         assert str(path) in str(info.value)
+
+
+def test_checkpoint_error_is_the_general_model_file_error(tmp_path: Path) -> None:
+    # moved to confkd.errors; the old import path still names the same class
+    assert CheckpointError is errors.CheckpointError
+    assert issubclass(CheckpointError, errors.ModelFileError)
+    assert issubclass(errors.ModelFileError, errors.ConfKDError) and issubclass(errors.ModelFileError, ValueError)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(errors.ModelFileError, match=r"garbage\.pt"):
+        load_checkpoint(garbage)
 
 
 def test_rng_state_round_trip(tmp_path: Path) -> None:

@@ -8,20 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from confkd.config import DataConfig, PreprocessConfig
+from confkd.config import DataConfig, PreprocessConfig, TrainConfig
 from confkd.data.dataset import NnUNetDataset
 from confkd.data.manifest import Manifest, build_manifest_from_config
 from confkd.data.phantoms import IGNORE, write_phantom_dataset
 from confkd.data.preprocessing import median_spacing, preprocess, preprocess_label
 from confkd.data.volume import read_volume
-from confkd.errors import DatasetError
+from confkd.errors import ConfigError, DatasetError
 from confkd.training.data import (
-    FOREGROUND_FRACTION,
     MixedBatchSampler,
     TrainingSet,
     default_patch_size,
-    read_validation_cases,
 )
+from confkd.training.validation import read_validation_cases
 
 CFG = PreprocessConfig(pad_multiple=8)
 
@@ -138,10 +137,23 @@ def test_foreground_oversampling_fraction(data: TrainingSet) -> None:
             centred += int(0 < int(crop[8, 8]) < data.num_classes)
     # every phantom slice shows some anatomy (an item without annotated foreground would fall back to a random crop)
     assert all(locations for case in data.cases for locations in case.locations)
-    expected = FOREGROUND_FRACTION * total
-    sd = (total * FOREGROUND_FRACTION * (1 - FOREGROUND_FRACTION)) ** 0.5
+    fraction = TrainConfig().foreground_fraction  # the sampler's default is the config's
+    expected = fraction * total
+    sd = (total * fraction * (1 - fraction)) ** 0.5
     assert abs(forced - expected) < 4 * sd
     assert centred >= 0.95 * forced
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_foreground_fraction_is_honoured_at_the_extremes(data: TrainingSet, fraction: float) -> None:
+    sampler = MixedBatchSampler(data, 4, 4, (16, 16), seed=3, foreground_fraction=fraction)
+    centred = torch.cat([sampler.sample().foreground for _ in range(5)])
+    assert centred.tolist() == [bool(fraction)] * len(centred)
+
+
+def test_foreground_fraction_out_of_range_is_refused(data: TrainingSet) -> None:
+    with pytest.raises(ConfigError, match=r"train\.foreground_fraction=1\.5 must be a fraction in \[0, 1\]"):
+        MixedBatchSampler(data, 1, 1, (16, 16), seed=0, foreground_fraction=1.5)
 
 
 def test_padding_uses_the_ignore_index(data: TrainingSet) -> None:

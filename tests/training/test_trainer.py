@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,17 +15,23 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from torch import nn
 
+from confkd import errors
 from confkd.config import Config, LossConfig, ModelConfig, load_config
+from confkd.data.dataset import NnUNetDataset
+from confkd.data.manifest import build_manifest_from_config
 from confkd.data.phantoms import write_phantom_dataset
 from confkd.errors import ConfigError
+from confkd.training import distributed
 from confkd.training.checkpoint import load_checkpoint
 from confkd.training.network import create_model
+from confkd.training.optimization import freeze_unreachable_branches
+from confkd.training.run_config import check_config
 from confkd.training.trainer import (
     DeviceError,
     RunDirectoryError,
     TrainResult,
-    _freeze_unreachable_branches,
     config_differences,
     lr_factor,
     resolve_amp,
@@ -31,6 +39,7 @@ from confkd.training.trainer import (
     total_steps,
     train,
 )
+from confkd.training.validation import format_validation
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -179,6 +188,37 @@ def test_resume_continues_exactly(dataset: Path, tmp_path: Path) -> None:
     assert yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["train"]["iterations"] == 8
 
 
+def test_log_every_is_a_config_key_saved_with_the_run(
+    short_run: tuple[Path, TrainResult, Recorder], dataset: Path, tmp_path: Path
+) -> None:
+    run_dir, _, _ = short_run
+    # the short run's log_every keyword is recorded as the key it stands for
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["log_every"] == 3
+    train(dataset, tiny("train.iterations=4", "train.log_every=2", "train.val_every=1000"), tmp_path, device="cpu")
+    assert [r["step"] for r in records(tmp_path, "train")] == [2, 4]
+
+
+def test_a_run_saved_before_the_newer_train_keys_resumes(
+    short_run: tuple[Path, TrainResult, Recorder], dataset: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(short_run[0], old)
+    ckpt = torch.load(old / "checkpoint_last.pt", weights_only=True)
+    for key in ("log_every", "foreground_fraction", "sync_batchnorm"):
+        del ckpt["config"]["train"][key]
+    torch.save(ckpt, old / "checkpoint_last.pt")
+    # absent keys take their defaults instead of counting as differences
+    assert train(dataset, tiny("train.iterations=7", "train.val_every=2"), old, device="cpu", resume=True).steps == 7
+
+
+def test_validation_log_line_is_rounded(short_run: tuple[Path, TrainResult, Recorder]) -> None:
+    lines = [ln for ln in (short_run[0] / "train.log").read_text().splitlines() if "validation step" in ln]
+    assert len(lines) == 3
+    dice, hd95 = r"\d\.\d{4}", r"(\d+\.\d{2}|n/a)"
+    branch = rf"Dice {dice} \(RV {dice} MYO {dice} LV {dice}\) HD95 {hd95}( mm)? \(RV {hd95} MYO {hd95} LV {hd95}\)"
+    assert re.search(rf"validation step 2: student {branch} \| teacher {branch}", lines[0]), lines[0]
+
+
 # ---------------------------------------------------------------------------------------------- presets
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_every_preset_trains(dataset: Path, tmp_path: Path, path: Path) -> None:
@@ -251,19 +291,79 @@ def test_budget_and_schedules() -> None:
 
 def test_unreachable_branches_are_frozen() -> None:
     model = create_model(ModelConfig(width=2, depth=1), 2)
-    assert _freeze_unreachable_branches(model, LossConfig(lambda_strong=0.0)) == ["teacher"]
+    assert freeze_unreachable_branches(model, LossConfig(lambda_strong=0.0)) == ["teacher"]
     assert not any(p.requires_grad for p in model.teacher.parameters())  # type: ignore[union-attr]
     model = create_model(ModelConfig(width=2, depth=1), 2)
     lower = LossConfig(lambda_weak=0, lambda_kl=0, lambda_ent=0)
-    assert _freeze_unreachable_branches(model, lower) == ["student"]
-    assert _freeze_unreachable_branches(create_model(ModelConfig(width=2, depth=1), 2), LossConfig()) == []
-    assert _freeze_unreachable_branches(create_model(ModelConfig(name="unet", width=2, depth=1), 2), lower) == []
+    assert freeze_unreachable_branches(model, lower) == ["student"]
+    assert freeze_unreachable_branches(create_model(ModelConfig(width=2, depth=1), 2), LossConfig()) == []
+    assert freeze_unreachable_branches(create_model(ModelConfig(name="unet", width=2, depth=1), 2), lower) == []
 
 
 def test_config_differences_ignore_the_budget() -> None:
     a = tiny().to_dict()
     b = tiny("train.iterations=99", "train.epochs=3", "loss.temperature=2.0").to_dict()
     assert config_differences(a, b) == ["loss.temperature: 1.0 (saved) != 2.0 (requested)"]
+    assert config_differences(a, tiny("train.log_every=1").to_dict()) == []  # logging changes no result
+
+
+def test_format_validation_rounds_and_marks_undefined_values() -> None:
+    student = {
+        "dice": {"RV": 0.03396554539856596, "LV": 1.0},
+        "hd95": {"RV": 55.59123456, "LV": None},
+        "mean_dice": 0.516982772699283,
+        "mean_hd95": 55.59123456,
+    }
+    teacher = {**student, "mean_hd95": None}
+    assert format_validation({"student": student, "teacher": teacher}) == (
+        "student Dice 0.5170 (RV 0.0340 LV 1.0000) HD95 55.59 mm (RV 55.59 LV n/a) | "
+        "teacher Dice 0.5170 (RV 0.0340 LV 1.0000) HD95 n/a (RV 55.59 LV n/a)"
+    )
+
+
+def test_errors_moved_to_confkd_errors_keep_their_old_import_paths() -> None:
+    assert DeviceError is distributed.DeviceError is errors.DeviceError
+    assert distributed.DistributedError is errors.DistributedError
+    assert RunDirectoryError is errors.RunDirectoryError
+    for cls in (DeviceError, distributed.DistributedError, RunDirectoryError):
+        assert issubclass(cls, errors.ConfKDError)
+
+
+def test_package_exports_the_loop() -> None:
+    import confkd.training
+
+    assert confkd.training.train is train and confkd.training.TrainResult is TrainResult
+    assert confkd.training.load_checkpoint is load_checkpoint
+
+
+# ---------------------------------------------------------------------------------------- sync batchnorm
+def test_sync_batchnorm_needs_cuda_under_torchrun(dataset: Path) -> None:
+    cfg = tiny("train.sync_batchnorm=true")
+    ds = NnUNetDataset.open(dataset)
+    manifest = build_manifest_from_config(ds, cfg.data)
+    check_config(cfg, ds, manifest, torch.device("cpu"), world_size=1)  # one process: nothing to synchronise
+    with pytest.raises(ConfigError, match=r"train\.sync_batchnorm=true needs CUDA.*set train\.sync_batchnorm=false"):
+        check_config(cfg, ds, manifest, torch.device("cpu"), world_size=2)
+
+
+def test_sync_batchnorm_conversion_keeps_parameters_and_checkpoint_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = create_model(ModelConfig(width=2, depth=1), 2)
+    params, keys = [id(p) for p in model.parameters()], list(model.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    reference = model.eval()(x).student
+    cpu = torch.device("cpu")
+    assert distributed.wrap_model(model, distributed.DistInfo(), cpu, sync_batchnorm=True) is model  # one process
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    # DDP refuses SyncBatchNorm in a CPU module (hence check_config's error): a stand-in shows what it would wrap
+    wrapped: list[tuple[nn.Module, dict[str, Any]]] = []
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda m, **kw: wrapped.append((m, kw)) or m)
+    assert distributed.wrap_model(model, distributed.DistInfo(world_size=2), cpu, sync_batchnorm=True) is model
+    assert wrapped == [(model, {"device_ids": None, "find_unused_parameters": False})]
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    # the same parameter tensors (an optimiser built before stays valid) under the same state_dict keys
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == keys
+    assert torch.equal(model.eval()(x).student, reference)
 
 
 # ------------------------------------------------------------------------------------------------- 3D
