@@ -141,6 +141,8 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path: Path) -> None:
     truncated.write_bytes(good.read_bytes()[:2000])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint" * 100)
+    text = tmp_path / "text.pt"
+    text.write_text("hello world\n")  # torch.load raises a bare KeyError on this
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": model.state_dict()}, foreign)
     pickled = tmp_path / "pickled.pt"
@@ -151,6 +153,7 @@ def test_corrupt_truncated_and_foreign_files_are_named(tmp_path: Path) -> None:
     for path, message in [
         (truncated, "not a readable confkd checkpoint"),
         (garbage, "not a readable confkd checkpoint"),
+        (text, "not a readable confkd checkpoint"),
         (foreign, "not a confkd checkpoint"),
         (pickled, "not a readable confkd checkpoint"),
         (newer, "format_version 99"),
