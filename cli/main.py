@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from confkd.cli import data_commands, train_commands
+from confkd.cli import data_commands, segment_commands, train_commands
 from confkd.cli._common import console
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command()(data_commands.manifest)
 app.command("config")(data_commands.show_config)
 app.command()(train_commands.train)
 app.command()(train_commands.evaluate)
+app.command()(segment_commands.segment)
 
 
 def _version_callback(value: bool) -> None:

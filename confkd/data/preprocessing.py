@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "PreprocessState",
     "compute_intensity_params",
     "invert",
+    "invert_chunks",
     "invert_labels",
     "median_spacing",
     "preprocess",
@@ -471,6 +472,58 @@ def invert(probabilities: torch.Tensor, state: PreprocessState) -> torch.Tensor:
             pc = F.interpolate(pc, size=state.native_shape, mode=mode, align_corners=False)
         dst[c].copy_(pc[:, 0] if state.spatial_dims == 2 else pc[0, 0])
     return out
+
+
+def invert_chunks(
+    probabilities: torch.Tensor, state: PreprocessState, *, max_slices: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`invert` a few slices at a time, so that no ``C x volume`` copy is ever made on the input grid.
+
+    Yields ``(start, chunk)`` for consecutive chunks along the slice axis (the first network axis):
+    ``chunk`` is float32 ``[n, C, H, W]`` (``n <= max_slices``), the input-grid slices ``start .. start + n - 1``
+    in network axis order, so ``np.transpose(a, state.axis_order)[start : start + n]`` is where slice-shaped
+    results (``[n, H, W]``: an argmax, a confidence) go in an ``[i, j, k]`` array ``a``. Without resampling a
+    chunk may be a view of ``probabilities``: read it, do not modify it.
+
+    2D: each slice is cropped and resampled on its own, exactly as :func:`invert` (same values). 3D: the
+    in-plane part of the trilinear resampling is applied to the source slices a chunk needs, then the linear
+    interpolation across slices (``align_corners=False``, as ``interpolate``), which equals :func:`invert` up to
+    float rounding. Memory: one chunk (plus, in 3D with resampling across slices, its ``n + 1`` source slices).
+
+    Shape:
+        ``[S, C, H', W']`` (2D) or ``[1, C, D', H', W']`` (3D) -> chunks of ``[n, C, *native in-plane]``.
+    """
+    _check_network(probabilities, state, "invert_chunks", channels=True)
+    if max_slices < 1:
+        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
+    p = _crop(probabilities, state.padding)
+    if state.spatial_dims == 3:  # [1, C, D, H, W] -> [D, C, H, W]: slices first, as in 2D
+        p = p[0].transpose(0, 1)
+    size = tuple(state.native_shape[-2:])
+
+    def in_plane(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.float()
+        if tuple(rows.shape[-2:]) == size:
+            return rows
+        return F.interpolate(rows, size=size, mode="bilinear", align_corners=False)
+
+    n_in = p.shape[0]  # slices in network space; 2D slices are never resampled across
+    n_out = state.native_shape[0] if state.spatial_dims == 3 else n_in
+    for start in range(0, n_out, max_slices):
+        stop = min(start + max_slices, n_out)
+        if n_in == n_out:
+            yield start, in_plane(p[start:stop])
+            continue
+        # interpolate()'s source coordinate for align_corners=False, in float32 as torch computes it
+        scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+        src = ((torch.arange(start, stop, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+        i0 = src.floor().long()
+        i1 = (i0 + 1).clamp_(max=n_in - 1)
+        lam = (src - i0.float()).to(p.device)[:, None, None, None]
+        first = int(i0[0])
+        rows = in_plane(p[first : int(i1[-1]) + 1])
+        i0, i1 = (i0 - first).to(p.device), (i1 - first).to(p.device)
+        yield start, rows.index_select(0, i0).mul_(1 - lam).add_(rows.index_select(0, i1).mul_(lam))
 
 
 def preprocess_label(

@@ -1,7 +1,8 @@
 """A simple whole-volume predictor: preprocess -> batched network passes -> probabilities on the input grid.
 
 Used by validation during training (it returns the teacher's probabilities too, from the same forward pass) and
-as the reference path for the segment pipeline. Every step is the one training used: :func:`preprocess_image`
+as the reference the inference engine (:mod:`confkd.inference.engine`) is tested against: both preprocess with
+:func:`preprocess_image` and give the same student argmax. Every step is the one training used: :func:`preprocess_image`
 is also what :mod:`confkd.training.data` calls, so training and inference cannot drift apart.
 
 Softmax happens in network space and the *probabilities* are resampled back to the input grid
@@ -9,7 +10,8 @@ Softmax happens in network space and the *probabilities* are resampled back to t
 distributions is a distribution, so the result sums to 1 per voxel and the argmax is taken on the original grid.
 
 3D volumes go through the network whole (no sliding window): fine for cropped data such as the hippocampus set;
-large 3D scans belong to the tiling pipeline.
+large 3D scans go through the engine, which tiles them and keeps memory bounded (labels and confidence only,
+never the ``K x volume`` probabilities on the input grid).
 """
 
 from __future__ import annotations
