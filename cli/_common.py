@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -39,6 +42,20 @@ def show_table(headers: list[str], rows: list[list[str]]) -> None:
     else:
         for line in [headers, *rows]:
             typer.echo("\t".join(line))
+
+
+@contextlib.contextmanager
+def quiet_info_logs(enabled: bool = True) -> Iterator[None]:
+    """Keep INFO log lines off the terminal (a progress display shows them); files still get them."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)] if enabled else []
+    levels = [h.level for h in handlers]
+    for handler in handlers:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels, strict=True):
+            handler.setLevel(level)
 
 
 def resolve_config(config: Path | None, overrides: list[str] | None) -> Config:

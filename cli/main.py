@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from confkd.cli import data_commands, segment_commands, train_commands
+from confkd.cli import data_commands, demo_command, export_commands, segment_commands, train_commands
 from confkd.cli._common import console
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # never print patient paths or tensors in a traceback
     add_completion=False,
 )
+app.command()(demo_command.demo)
 app.command()(data_commands.info)
 app.command()(data_commands.phantoms)
 app.command()(data_commands.manifest)
@@ -28,6 +29,7 @@ app.command("config")(data_commands.show_config)
 app.command()(train_commands.train)
 app.command()(train_commands.evaluate)
 app.command()(segment_commands.segment)
+app.command()(export_commands.export)
 
 
 def _version_callback(value: bool) -> None:

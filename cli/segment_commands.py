@@ -143,7 +143,7 @@ def segment(
     ] = None,
     model: Annotated[
         Path | None,
-        typer.Option("--model", "-m", help="A training checkpoint (.pt); exported models with `confkd export`."),
+        typer.Option("--model", "-m", help="A training checkpoint (.pt) or a `confkd export` model directory."),
     ] = None,
     backend: Annotated[Backend, typer.Option(help="Who runs the network.")] = Backend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -158,6 +158,10 @@ def segment(
     low_confidence: Annotated[
         float, typer.Option(help="Voxels below this confidence count as low-confidence in the reports.")
     ] = 0.5,
+    precision: Annotated[str, typer.Option(help="TensorRT engine precision: fp32 or fp16.")] = "fp16",
+    engine_dir: Annotated[
+        Path | None, typer.Option(help="TensorRT engine cache (default: $CONFKD_ENGINE_DIR, else trt_engines/).")
+    ] = None,
 ) -> None:
     """Segment scans: label map, confidence map and QA report per case, plus summary.csv and failures.jsonl."""
     from confkd.inference.inputs import display_path, parse_shard, resolve_inputs
@@ -189,7 +193,14 @@ def segment(
     from confkd.inference.pipeline import BatchInterrupted, run_batch
 
     try:
-        loaded = load_model(model_path, backend=backend.value, device=device)
+        provider = None
+        if backend in (Backend.auto, Backend.tensorrt) and model_path.is_dir():
+            from confkd.export.engine_cache import engine_provider
+
+            provider = engine_provider(engine_dir)
+        loaded = load_model(
+            model_path, backend=backend.value, device=device, precision=precision, engine_provider=provider
+        )
     except ConfKDError as e:
         fail(str(e))
     except KeyboardInterrupt:

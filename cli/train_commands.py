@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from confkd.cli._common import EXIT_FAILED, console, err_console, fail, resolve_config, show_table
+from confkd.cli._common import EXIT_FAILED, console, err_console, fail, quiet_info_logs, resolve_config, show_table
 from confkd.errors import ConfKDError
 
 
-class _RichProgress:
+class RichProgress:
     """A rich progress bar with the loss terms and throughput; used only when stdout is a terminal."""
 
     def __init__(self) -> None:
@@ -29,12 +29,16 @@ class _RichProgress:
         )
         self.task: Any = None
 
-    def __enter__(self) -> _RichProgress:
+    def __enter__(self) -> RichProgress:
+        # the bar shows what the INFO lines would: keep them out of the terminal (train.log still gets them)
+        self._quiet = quiet_info_logs()
+        self._quiet.__enter__()
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
+        self._quiet.__exit__(None, None, None)
 
     def on_step(self, step: int, total_steps: int, terms: dict[str, float], images_per_s: float) -> None:
         text = " ".join(f"{k}={v:.3g}" for k, v in terms.items()) + f" | {images_per_s:.1f} img/s"
@@ -68,7 +72,7 @@ def train(
     cfg = resolve_config(config, overrides)
     try:
         if console.is_terminal:
-            with _RichProgress() as progress:
+            with RichProgress() as progress:
                 result = run_training(dataset, cfg, out, device=device, resume=resume, callback=progress)
         else:
             result = run_training(dataset, cfg, out, device=device, resume=resume)
