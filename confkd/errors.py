@@ -12,7 +12,10 @@ Hierarchy (each also derives from the built-in exception that describes it, so g
     │   └── UnsupportedImageError
     ├── VolumeWriteError       OSError
     ├── ModelFileError         ValueError
-    │   └── CheckpointError
+    │   ├── CheckpointError
+    │   └── ManifestError
+    ├── ExportError            RuntimeError
+    │   └── VerificationError
     ├── RunDirectoryError      ValueError
     ├── DeviceError            RuntimeError
     └── DistributedError       RuntimeError
@@ -27,10 +30,13 @@ __all__ = [
     "DatasetError",
     "DeviceError",
     "DistributedError",
+    "ExportError",
     "GeometryError",
+    "ManifestError",
     "ModelFileError",
     "RunDirectoryError",
     "UnsupportedImageError",
+    "VerificationError",
     "VolumeReadError",
     "VolumeWriteError",
 ]
@@ -74,6 +80,18 @@ class ModelFileError(ConfKDError, ValueError):
 
 class CheckpointError(ModelFileError):
     """A file is not a readable confkd checkpoint (foreign, corrupt, truncated or from a newer version)."""
+
+
+class ManifestError(ModelFileError):
+    """An exported model directory's ``manifest.json`` is missing, invalid, or does not match its ONNX file."""
+
+
+class ExportError(ConfKDError, RuntimeError):
+    """A model cannot be exported (ONNX export, checker, teacher weights in the graph, TensorRT build)."""
+
+
+class VerificationError(ExportError):
+    """The exported graph disagrees with PyTorch beyond the documented tolerances."""
 
 
 class RunDirectoryError(ConfKDError, ValueError):

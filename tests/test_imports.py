@@ -37,3 +37,17 @@ def test_lazy_data_exports_resolve() -> None:
 
     for name in confkd.data.__all__:
         assert getattr(confkd.data, name) is not None
+
+
+def test_inference_model_and_runners_do_not_import_onnxruntime_or_tensorrt() -> None:
+    mods = _modules_after(
+        "import confkd.inference.model, confkd.inference.runners_onnx, confkd.inference.runners_trt, "
+        "confkd.inference.manifest"
+    )
+    assert "onnxruntime" not in mods and "tensorrt" not in mods
+    assert not any(m == "confkd.export" or m.startswith("confkd.export.") for m in mods)  # never confkd -> export
+
+
+def test_export_tensorrt_modules_import_without_tensorrt() -> None:
+    mods = _modules_after("import confkd.export.tensorrt, confkd.export.engine_cache")
+    assert "tensorrt" not in mods

@@ -1,14 +1,28 @@
 """Loading a model for inference: what a path is decides how it loads, and which backends can run it.
 
 A small registry of model formats (:data:`MODEL_FORMATS`), tried in order: each says how to recognise a path,
-which backends run it (the first is what ``backend="auto"`` picks) and how to load it. Today only training
-checkpoints load (PyTorch, the student only); exported models (``manifest.json`` + ONNX, TensorRT engines) are
-recognised and refused with the fix, and their loaders slot in here when ``confkd export`` exists.
+which backends run it and how to load it.
+
+=====================  ==========================  =====================================================
+format                 backends                    ``backend="auto"`` picks
+=====================  ==========================  =====================================================
+exported directory     onnxruntime, tensorrt       tensorrt when TensorRT is installed, CUDA is visible and
+(``manifest.json`` +                               an ``engine_provider`` was given; else onnxruntime
+``model.onnx``)                                    (its CUDA provider when onnxruntime-gpu has one)
+TensorRT engine        tensorrt                    tensorrt (needs the ``<engine>.json`` sidecar)
+training checkpoint    torch                       torch (the student only)
+=====================  ==========================  =====================================================
+
+A bare ``.onnx`` file is refused: the preprocessing and labels travel in the exported directory's manifest.
+The TensorRT engine cache lives in :mod:`confkd.export.engine_cache` (imports run ``cli -> export -> confkd``), so
+the tensorrt backend of an exported directory gets its engine from an injected ``engine_provider``
+(``confkd segment`` passes the cache's).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +32,9 @@ from typing import Any
 
 import torch
 
-from confkd.config import Config
-from confkd.errors import ConfigError, ModelFileError
+from confkd.config import Config, config_from_dict
+from confkd.errors import ConfigError, ManifestError, ModelFileError
+from confkd.inference.manifest import Manifest, default_bounds, load_manifest, manifest_from_dict
 from confkd.inference.runners import Amp, Runner, TorchRunner
 from confkd.training.checkpoint import (
     CheckpointError,
@@ -33,6 +48,7 @@ from confkd.training.network import create_model
 __all__ = [
     "MODEL_FORMATS",
     "Backend",
+    "EngineProvider",
     "LoadedModel",
     "ModelFormat",
     "ModelLoadError",
@@ -87,6 +103,8 @@ class LoadedModel:
 
 
 Loader = Callable[[Path, Backend, torch.device, dict[str, Any]], LoadedModel]
+#: (exported directory, its manifest, device, precision) -> serialised engine bytes, validated for this machine
+EngineProvider = Callable[[Path, Manifest, torch.device, str], bytes]
 
 
 @dataclass(frozen=True)
@@ -133,7 +151,11 @@ def _load_checkpoint(path: Path, backend: Backend, device: torch.device, options
         )
     version = ckpt.get("versions", {}).get("confkd", "unknown")
     del ckpt  # the teacher's and the optimizer's tensors go here
-    runner = TorchRunner(student, device=device, **options)
+    torch_options = {k: options[k] for k in ("amp", "channels_last", "max_batch")}
+    # tile exactly as the exported model will (its declared max bound), so that every backend blends the same
+    # tiles: with instance norm a network's output depends on the tile it sees
+    bounds = default_bounds(config.preprocess.spatial_dims, student.divisor, config.train.patch_size)
+    runner = TorchRunner(student, device=device, max_tile=bounds.max_spatial, **torch_options)
     return LoadedModel(
         runner=runner,
         config=config,
@@ -141,6 +163,71 @@ def _load_checkpoint(path: Path, backend: Backend, device: torch.device, options
         model_hash=file_sha256(path),
         model_version=f"confkd {version} / {config.name}.yaml",
         source=path,
+    )
+
+
+def _exported_model(manifest: Manifest, runner: Runner, path: Path) -> LoadedModel:
+    try:
+        config = config_from_dict(manifest.config)
+    except ConfigError as e:
+        raise ManifestError(f"{path}: the manifest's config does not validate ({e})") from e
+    return LoadedModel(
+        runner=runner,
+        config=config,
+        label_names=manifest.label_names,
+        model_hash=manifest.onnx_sha256,
+        model_version=manifest.model_version,
+        source=path,
+    )
+
+
+def _load_exported(path: Path, backend: Backend, device: torch.device, options: dict[str, Any]) -> LoadedModel:
+    """An exported directory -> :class:`OrtRunner` or (tensorrt) :class:`TrtRunner` with a cached engine."""
+    manifest = load_manifest(path)  # checks the ONNX file's sha256 first
+    if backend is Backend.TENSORRT:
+        from confkd.inference.runners_trt import TrtRunner, tensorrt_version
+
+        tensorrt_version()  # the install hint when TensorRT is absent
+        provider: EngineProvider | None = options.get("engine_provider")
+        if provider is None:
+            raise ModelLoadError(
+                f"{path}: the tensorrt backend needs an engine provider (the engine cache of confkd.export): "
+                "use `confkd segment --backend tensorrt`, or pass engine_provider=confkd.export.engine_cache."
+                "engine_provider()"
+            )
+        engine = provider(path, manifest, device, str(options.get("precision", "fp16")))
+        return _exported_model(manifest, TrtRunner(engine, manifest, device=device), path)
+    from confkd.inference.runners_onnx import OrtRunner
+
+    runner = OrtRunner(path / manifest.model_file, manifest, device=device, threads=options.get("threads"))
+    return _exported_model(manifest, runner, path)
+
+
+def _load_engine(path: Path, backend: Backend, device: torch.device, options: dict[str, Any]) -> LoadedModel:
+    """A cached ``<key>.engine`` with its ``<key>.json`` sidecar; refused unless built for this GPU and TensorRT."""
+    from confkd.inference.runners_trt import TrtRunner, gpu_identity, sidecar_problem, tensorrt_version
+
+    version = tensorrt_version()
+    sidecar_path = path.with_suffix(".json")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"{path}: no readable sidecar {sidecar_path.name}; load the exported directory instead "
+            "(the engine is rebuilt from its ONNX)"
+        ) from e
+    engine = path.read_bytes()
+    problem = sidecar_problem(sidecar, engine, gpu=gpu_identity(device), trt_version=version, expected_key=None)
+    if problem:
+        raise ModelLoadError(f"{path}: refusing a stale or foreign engine: {problem}; load the exported directory")
+    manifest = manifest_from_dict(sidecar["manifest"], f"{sidecar_path} manifest")
+    return _exported_model(manifest, TrtRunner(engine, manifest, device=device), path)
+
+
+def _refuse_bare_onnx(path: Path, backend: Backend, device: torch.device, options: dict[str, Any]) -> LoadedModel:
+    raise UnsupportedModelError(
+        f"{path}: a bare ONNX file carries no manifest; pass the exported directory (manifest.json + model.onnx) "
+        "written by `confkd export`"
     )
 
 
@@ -159,10 +246,12 @@ MODEL_FORMATS: tuple[ModelFormat, ...] = (
         "an exported model directory (manifest.json + ONNX)",
         _is_exported_dir,
         (Backend.ONNXRUNTIME, Backend.TENSORRT),
-        None,
+        _load_exported,
     ),
-    ModelFormat("onnx", "an ONNX model", _suffix_in(".onnx"), (Backend.ONNXRUNTIME, Backend.TENSORRT), None),
-    ModelFormat("tensorrt", "a TensorRT engine", _suffix_in(".engine", ".plan", ".trt"), (Backend.TENSORRT,), None),
+    ModelFormat(
+        "onnx", "an ONNX model", _suffix_in(".onnx"), (Backend.ONNXRUNTIME, Backend.TENSORRT), _refuse_bare_onnx
+    ),
+    ModelFormat("tensorrt", "a TensorRT engine", _suffix_in(".engine"), (Backend.TENSORRT,), _load_engine),
     ModelFormat("checkpoint", "a training checkpoint", Path.is_file, (Backend.TORCH,), _load_checkpoint),
 )
 
@@ -175,6 +264,23 @@ def _backend(value: str | Backend) -> Backend:
         raise ConfigError(f"unknown backend {value!r}; available options are: {options}") from e
 
 
+def _auto_backend(fmt: ModelFormat, device: torch.device, engine_provider: EngineProvider | None) -> Backend:
+    """The fastest backend available for this format here (see the module docstring's table)."""
+    if fmt.name == "exported":
+        from confkd.inference.runners_trt import tensorrt_available
+
+        if engine_provider is not None and device.type == "cuda" and tensorrt_available():
+            return Backend.TENSORRT
+        return Backend.ONNXRUNTIME
+    return fmt.backends[0]
+
+
+def _ort_has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def load_model(
     path: str | Path,
     *,
@@ -183,22 +289,32 @@ def load_model(
     amp: Amp = "auto",
     channels_last: bool = True,
     max_batch: int = 32,
+    precision: str = "fp16",
+    engine_provider: EngineProvider | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
     """Load a model for inference.
 
     Args:
-        path: a training checkpoint (``.pt``). Exported ONNX / TensorRT models are recognised and refused until
-            ``confkd export`` exists.
-        backend: ``"auto"`` (what the format runs on: torch for a checkpoint), ``"torch"``, ``"onnxruntime"``
-            or ``"tensorrt"``.
-        device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        path: a training checkpoint (``.pt``), an exported directory (``confkd export``: ``manifest.json`` +
+            ``model.onnx``) or a cached TensorRT ``.engine`` with its sidecar.
+        backend: ``"auto"`` (the fastest available for the format, see the module docstring), ``"torch"``,
+            ``"onnxruntime"`` or ``"tensorrt"``.
+        device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. With
+            onnxruntime, ``"auto"`` falls back to the CPU when onnxruntime has no CUDA provider.
         amp, channels_last, max_batch: passed to :class:`~confkd.inference.runners.TorchRunner`.
+        precision: TensorRT engine precision (``"fp32"`` / ``"fp16"``) asked of ``engine_provider``.
+        engine_provider: where the tensorrt backend of an exported directory gets its engine (the cache of
+            :mod:`confkd.export.engine_cache`); without one, ``auto`` never picks tensorrt for a directory.
+        threads: ONNX Runtime intra-op threads on the CPU (``None``: its default).
 
     Raises:
         ModelLoadError: missing path, an unrecognised directory, or a backend that cannot run this format.
-        UnsupportedModelError: an exported model (not supported yet).
+        UnsupportedModelError: a bare ``.onnx`` file (pass its exported directory).
+        ManifestError: an exported directory with a bad manifest or a modified ONNX file.
         CheckpointError: a file that is not a readable confkd checkpoint.
         ConfigError: unknown backend or device name. DeviceError: CUDA requested but absent.
+        RunnerError: tensorrt requested without TensorRT installed (the message gives the pip command).
         Every message starts with the path (or names the bad value) and fits on one line.
     """
     p = Path(path)
@@ -207,16 +323,11 @@ def load_model(
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory")
     fmt = next((f for f in MODEL_FORMATS if f.matches(p)), None)
-    if fmt is None:
+    if fmt is None or fmt.loader is None:
         known = "; ".join(f.description for f in MODEL_FORMATS)
         raise ModelLoadError(f"{p}: not a model; expected one of: {known}")
-    if fmt.loader is None:
-        raise UnsupportedModelError(
-            f"{p}: exported ONNX/TensorRT models are supported once `confkd export` exists; "
-            "pass a training checkpoint (.pt)"
-        )
     if chosen is Backend.AUTO:
-        chosen = fmt.backends[0]
+        chosen = _auto_backend(fmt, dev, engine_provider)
     elif chosen not in fmt.backends:
         runs_on = ", ".join(b.value for b in fmt.backends)
         raise ModelLoadError(
@@ -224,7 +335,17 @@ def load_model(
             f"use backend auto or {fmt.backends[0].value}"
             + (", or export it first (`confkd export`)" if fmt.name == "checkpoint" else "")
         )
-    options = {"amp": amp, "channels_last": channels_last, "max_batch": max_batch}
+    if chosen is Backend.ONNXRUNTIME and device == "auto" and dev.type == "cuda" and not _ort_has_cuda():
+        logger.info("onnxruntime has no CUDA execution provider: running on the CPU")
+        dev = torch.device("cpu")
+    options = {
+        "amp": amp,
+        "channels_last": channels_last,
+        "max_batch": max_batch,
+        "precision": precision,
+        "engine_provider": engine_provider,
+        "threads": threads,
+    }
     model = fmt.loader(p, chosen, dev, options)
     logger.info("loaded %s (%s) on %s with %s", p, model.model_version, dev, chosen.value)
     return model

@@ -127,26 +127,27 @@ def test_bad_paths_are_one_line_errors_naming_the_path(tmp_path: Path) -> None:
     _one_line(info, empty_dir)
 
 
-@pytest.mark.parametrize("kind", ["manifest", "onnx_dir", "onnx_file", "engine"])
-def test_exported_models_are_refused_with_the_fix(tmp_path: Path, kind: str) -> None:
-    if kind == "manifest":
-        path = tmp_path / "exported"
-        path.mkdir()
-        (path / "manifest.json").write_text("{}")
-    elif kind == "onnx_dir":
-        path = tmp_path / "exported"
-        path.mkdir()
-        (path / "model.onnx").write_bytes(b"onnx")
-    else:
-        path = tmp_path / ("model.onnx" if kind == "onnx_file" else "model.engine")
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("manifest", "missing field(s) format"),
+        ("onnx_dir", "no manifest.json; not an exported model directory"),
+        ("onnx_file", "a bare ONNX file carries no manifest; pass the exported directory"),
+    ],
+)
+def test_incomplete_exported_models_are_refused_with_the_fix(tmp_path: Path, kind: str, message: str) -> None:
+    if kind == "onnx_file":
+        path = tmp_path / "model.onnx"
         path.write_bytes(b"bytes")
-    with pytest.raises(UnsupportedModelError) as info:
-        load_model(path, device="cpu")
-    assert isinstance(info.value, ModelFileError)  # one type for "the model could not be loaded"
-    assert _one_line(info, path) == (
-        f"{path}: exported ONNX/TensorRT models are supported once `confkd export` exists; "
-        "pass a training checkpoint (.pt)"
-    )
+    else:
+        path = tmp_path / "exported"
+        path.mkdir()
+        (path / ("manifest.json" if kind == "manifest" else "model.onnx")).write_bytes(b"{}")
+    with pytest.raises(ModelFileError) as info:  # one type for "the model could not be loaded"
+        load_model(path, device="cpu", backend="onnxruntime")
+    assert message in _one_line(info, path)
+    if kind == "onnx_file":
+        assert isinstance(info.value, UnsupportedModelError)
 
 
 def test_backend_and_device_are_validated(saved: tuple[DualBranchUNet, Path]) -> None:
