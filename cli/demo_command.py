@@ -1,7 +1,8 @@
 """``confkd demo``: the whole workflow on synthetic phantoms, with no data and no download.
 
-phantoms (a few strong patients, the rest with scribbles) -> train a small ConfKD model on the CPU -> segment the
-held-out phantoms with the student -> score them against their labels and summarise the confidence maps.
+phantoms (a few strong patients, the rest with scribbles) -> train a small ConfKD model on the CPU -> export the
+student to ONNX (verified against torch) -> segment the held-out phantoms with it through ONNX Runtime -> score them
+against their labels and summarise the confidence maps.
 Each step is one library call, the same ones ``phantoms``, ``train``, ``segment`` and ``evaluate`` make.
 """
 
@@ -55,6 +56,7 @@ def demo(
 def _run(out: Path, cfg: Config, steps: int, seed: int, device: str, started: float) -> None:
     from confkd.data.phantoms import write_phantom_dataset
     from confkd.evaluation import evaluate_folder
+    from confkd.export.onnx_export import export_model
     from confkd.inference.inputs import resolve_inputs
     from confkd.inference.model import load_model
     from confkd.inference.pipeline import run_batch
@@ -63,10 +65,10 @@ def _run(out: Path, cfg: Config, steps: int, seed: int, device: str, started: fl
 
     try:
         console.print(
-            f"[bold]1/4[/] phantoms: 10 train patients (2 strong, 8 with scribbles), 3 val, 6 test -> {out}/data"
+            f"[bold]1/5[/] phantoms: 10 train patients (2 strong, 8 with scribbles), 3 val, 6 test -> {out}/data"
         )
         data = write_phantom_dataset(out / "data", n_train=10, n_val=3, n_test=6, size=(96, 96), seed=seed)
-        console.print(f"[bold]2/4[/] training ConfKD for {steps} steps on {device} -> {out}/run")
+        console.print(f"[bold]2/5[/] training ConfKD for {steps} steps on {device} -> {out}/run")
         if console.is_terminal:
             from confkd.cli.train_commands import RichProgress
 
@@ -75,10 +77,16 @@ def _run(out: Path, cfg: Config, steps: int, seed: int, device: str, started: fl
         else:
             result = train(data, cfg, out / "run", device=device)
         console.print(f"      {result.images_per_s:.0f} images/s, best student val Dice {result.best_metric or 0:.3f}")
-        console.print(f"[bold]3/4[/] segmenting the 6 held-out phantoms with the student -> {out}/segment")
-        model = load_model(result.best_checkpoint, device=device)
+        exported = export_model(result.best_checkpoint, out / "model")
+        v = exported.verification.summary()
+        console.print(
+            f"[bold]3/5[/] exported the student (teacher stripped) to ONNX -> {out}/model; ONNX Runtime vs torch: "
+            f"max |dp| {v['max_abs_diff_probabilities']:.1e}, argmax agreement {100 * v['min_argmax_agreement']:.2f} %"
+        )
+        console.print(f"[bold]4/5[/] segmenting the 6 held-out phantoms with the exported student -> {out}/segment")
+        model = load_model(exported.model_dir, backend="onnxruntime", device=device)
         batch = run_batch(resolve_inputs([data / "imagesTs"]), out / "segment", model, preview=True)
-        console.print("[bold]4/4[/] scoring against the held-out labels")
+        console.print("[bold]5/5[/] scoring against the held-out labels")
         evaluation = evaluate_folder(out / "segment", data / "labelsTs", dataset_json=data / "dataset.json")
     except ConfKDError as e:
         fail(str(e))
