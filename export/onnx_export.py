@@ -46,8 +46,8 @@ from confkd.inference.manifest import (
     file_sha256,
 )
 from confkd.io_utils import atomic_write_text
-from confkd.training.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, student_state_dict
-from confkd.training.network import SegmentationNetwork, count_parameters, create_model
+from confkd.training.checkpoint import CheckpointError, checkpoint_config, load_student
+from confkd.training.network import SegmentationNetwork, count_parameters
 
 from .manifest import build_manifest, config_sha256, default_bounds, metadata_props
 from .verify import Verification, verify_onnx
@@ -100,22 +100,6 @@ class ExportResult:
     onnx_path: Path
     manifest: Manifest
     verification: Verification
-
-
-def load_student(checkpoint: str | Path) -> tuple[SegmentationNetwork, dict[str, Any]]:
-    """The checkpoint's student (encoder + student decoder) in eval mode, and the loaded checkpoint dict.
-
-    Only the student's weights are loaded (:func:`~confkd.training.checkpoint.student_state_dict`); the teacher
-    decoder never exists as a module here.
-    """
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    config = checkpoint_config(ckpt)
-    student = create_model(config.model, config.preprocess.spatial_dims).student_network()
-    try:
-        student.load_state_dict(student_state_dict(ckpt))
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint}: the student's weights do not fit its config ({e})") from e
-    return student.eval(), ckpt
 
 
 def check_no_teacher(model: Any, student: nn.Module, where: str) -> int:

@@ -21,7 +21,6 @@ the tensorrt backend of an exported directory gets its engine from an injected `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -34,16 +33,14 @@ import torch
 
 from confkd.config import Config, config_from_dict
 from confkd.errors import ConfigError, ManifestError, ModelFileError
-from confkd.inference.manifest import Manifest, default_bounds, load_manifest, manifest_from_dict
+from confkd.inference.manifest import Manifest, default_bounds, file_sha256, load_manifest, manifest_from_dict
 from confkd.inference.runners import Amp, Runner, TorchRunner
 from confkd.training.checkpoint import (
     CheckpointError,
     checkpoint_config,
-    load_checkpoint,
-    student_state_dict,
+    load_student,
 )
 from confkd.training.distributed import resolve_device
-from confkd.training.network import create_model
 
 __all__ = [
     "MODEL_FORMATS",
@@ -118,15 +115,6 @@ class ModelFormat:
     loader: Loader | None
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_checkpoint(path: Path, backend: Backend, device: torch.device, options: dict[str, Any]) -> LoadedModel:
     """A training checkpoint -> :class:`TorchRunner` of the student (encoder + student decoder) only.
 
@@ -134,13 +122,8 @@ def _load_checkpoint(path: Path, backend: Backend, device: torch.device, options
     teacher decoder is never given weights, and is dropped with the full model before anything moves to the
     device.
     """
-    ckpt = load_checkpoint(path, map_location="cpu")
+    student, ckpt = load_student(path)
     config = checkpoint_config(ckpt)
-    student = create_model(config.model, config.preprocess.spatial_dims).student_network()
-    try:
-        student.load_state_dict(student_state_dict(ckpt))
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: the student's weights do not fit the model its config describes ({e})") from e
     labels = ckpt["labels"]
     ignore = labels.get("ignore_index")
     names = {i: str(n) for i, n in enumerate(labels["names"]) if i != ignore}

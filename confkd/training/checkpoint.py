@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from confkd.config import Config, config_from_dict
 from confkd.errors import CheckpointError, ConfigError
 from confkd.io_utils import atomic_path
-from confkd.training.network import DualBranchUNet, UNet, create_model
+from confkd.training.network import DualBranchUNet, SegmentationNetwork, UNet, create_model
 
 if TYPE_CHECKING:
     from confkd.training.data import MixedBatchSampler
@@ -46,6 +46,7 @@ __all__ = [
     "build_model_from_checkpoint",
     "capture_rng_state",
     "load_checkpoint",
+    "load_student",
     "make_checkpoint",
     "rank_state",
     "restore_rng_state",
@@ -298,3 +299,21 @@ def restore_train_state(
             len(ranks),
         )
     return int(state["step"]), state["best_metric"]
+
+
+def load_student(checkpoint: str | Path) -> tuple[SegmentationNetwork, dict[str, Any]]:
+    """The checkpoint's student (encoder + student decoder) in eval mode, on the CPU, and the checkpoint dict.
+
+    Only the student's weights are loaded (:func:`student_state_dict`); the teacher decoder is never filled, and is
+    dropped with the full model it was built in. Export and inference both start here.
+    """
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    config = checkpoint_config(ckpt)
+    student = create_model(config.model, config.preprocess.spatial_dims).student_network()
+    try:
+        student.load_state_dict(student_state_dict(ckpt))
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{checkpoint}: the student's weights do not fit the model its config describes ({e})"
+        ) from e
+    return student.eval(), ckpt
