@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from confkd.config import PreprocessConfig
+from confkd.data.intensity import compute_intensity_params, normalise_
 from confkd.errors import ConfigError, DatasetError, GeometryError, UnsupportedImageError
 
 __all__ = [
@@ -57,8 +58,6 @@ DeviceLike = str | torch.device | None
 
 # Spacings come from float32 headers: 1.0 and 0.99999994 are the same spacing when looking for ties.
 _TIE_RTOL = 1e-5
-# Below this many voxels a full partition is quick enough for the clip percentiles.
-_SELECT_MIN = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -178,13 +177,6 @@ def _spatial_dims(cfg: PreprocessConfig) -> int:
     return int(cfg.spatial_dims)
 
 
-def _numpy(array: ArrayLike) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        t = array.detach()
-        return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).cpu().numpy()
-    return np.asarray(array)
-
-
 def _volume(array: ArrayLike, what: str = "volume") -> ArrayLike:
     if not isinstance(array, torch.Tensor):
         array = np.asarray(array)
@@ -213,88 +205,6 @@ def _tensor(array: ArrayLike) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only memory-mapped images: we only ever read from the view
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(a)
-
-
-def compute_intensity_params(array: ArrayLike, cfg: PreprocessConfig) -> tuple[float, float, float, float]:
-    """``(clip_lo, clip_hi, offset, scale)`` such that ``normalised = (clip(x, clip_lo, clip_hi) - offset) / scale``.
-
-    The clip bounds are ``cfg.clip_percentiles`` of the finite voxels of the whole volume (NaN and +-Inf are
-    ignored here and become ``clip_lo`` in :func:`preprocess`). ``zscore`` uses the mean and population std of the
-    clipped finite voxels, ``minmax`` maps ``[clip_lo, clip_hi]`` to ``[0, 1]``, ``none`` only clips. A constant
-    (or entirely non-finite) volume gets ``scale == 1`` and, under zscore and minmax, normalises to zeros.
-    Works on one float32 copy of the volume with float64 accumulators; the result is the same whichever device
-    later applies it.
-    """
-    p_lo, p_hi = cfg.clip_percentiles  # PreprocessConfig has checked 0 <= p_lo < p_hi <= 100
-    if cfg.normalization not in ("zscore", "minmax", "none"):
-        raise ConfigError(f"preprocess.normalization={cfg.normalization!r} is not one of zscore, minmax, none")
-    values = _numpy(array).reshape(-1)
-    owned = False  # never partition the caller's memory in place
-    if values.dtype.kind == "f":
-        finite = np.isfinite(values)
-        if not finite.all():
-            values, owned = values[finite], True
-        del finite
-    work = values if owned and values.dtype == np.float32 else values.astype(np.float32)
-    if work.size == 0:
-        return 0.0, 0.0, 0.0, 1.0
-    lo, hi = _percentiles(work, (p_lo, p_hi))
-    if hi - lo <= 4 * np.finfo(np.float32).eps * max(abs(lo), abs(hi)):  # constant: no division by zero
-        return lo, hi, (lo if cfg.normalization != "none" else 0.0), 1.0
-    if cfg.normalization == "minmax":
-        return lo, hi, lo, hi - lo
-    if cfg.normalization == "none":
-        return lo, hi, 0.0, 1.0
-    np.clip(work, lo, hi, out=work)
-    n = work.size
-    mean = float(work.sum(dtype=np.float64) / n)
-    work -= np.float32(mean)  # centre in float32, then correct for the rounding of the centre
-    residual = float(work.sum(dtype=np.float64) / n)
-    np.square(work, out=work)
-    std = math.sqrt(max(float(work.sum(dtype=np.float64) / n) - residual**2, 0.0))
-    return lo, hi, mean, (std if std > 0.0 else 1.0)
-
-
-def _percentiles(work: np.ndarray, qs: Sequence[float]) -> list[float]:
-    """Exactly ``np.percentile(work, qs)`` (linear method), but in about two passes per percentile on big volumes.
-
-    A sorted strided sample brackets each order statistic; only the voxels inside the bracket are partitioned
-    (a full partition of a CT volume takes over a second). A missed bracket falls back to the full partition:
-    slower, never wrong. May reorder ``work``.
-    """
-    n = work.size
-    if n < _SELECT_MIN:
-        return [float(v) for v in np.percentile(work, qs, overwrite_input=True)]
-    sample = np.sort(work[:: n // 65536])
-    m = sample.size
-    margin = 4 * math.sqrt(m) + 2  # in sample ranks: over eight binomial standard deviations
-    out = []
-    for q in qs:
-        pos = q / 100 * (n - 1)
-        k0 = math.floor(pos)
-        k1 = min(k0 + 1, n - 1)
-        r = pos / (n - 1) * (m - 1)
-        ia, ib = math.floor(r - margin), math.ceil(r + margin)
-        a = sample[ia] if ia >= 0 else -np.inf  # open-ended brackets for the extreme tails
-        b = sample[ib] if ib < m else np.inf
-        if pos <= (n - 1) / 2:
-            part = work[work <= b]
-            below = int(np.count_nonzero(part < a))
-            inside = part[part >= a]
-        else:
-            part = work[work >= a]
-            below = n - part.size
-            inside = part[part <= b]
-        if not below <= k0 <= k1 < below + inside.size:
-            return [float(v) for v in np.percentile(work, qs, overwrite_input=True)]
-        sel = np.partition(inside, (k0 - below, k1 - below))
-        v0, v1 = float(sel[k0 - below]), float(sel[k1 - below])
-        out.append(v0 + (v1 - v0) * (pos - k0))
-    return out
-
-
-def _normalise_(x: torch.Tensor, lo: float, hi: float, offset: float, scale: float) -> torch.Tensor:
-    return x.clamp_(lo, hi).sub_(offset).div_(scale)
 
 
 def _resolve_target(cfg: PreprocessConfig, nd: int, target_spacing: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -374,8 +284,8 @@ def preprocess(
         torch.nan_to_num_(x, nan=lo, posinf=lo, neginf=lo)
     # normalising before resampling is the same map (linear interpolation commutes with an affine map, and the
     # clip keeps outliers from bleeding into neighbours), and the cheaper one when resampling upsamples
-    _normalise_(x, lo, hi, offset, scale)
-    pad_value = float(_normalise_(torch.tensor([lo], dtype=torch.float32), lo, hi, offset, scale))
+    normalise_(x, lo, hi, offset, scale)
+    pad_value = float(normalise_(torch.tensor([lo], dtype=torch.float32), lo, hi, offset, scale))
     x = x[:, None] if nd == 2 else x[None, None]
     if resampled != native:
         x = F.interpolate(x, size=resampled, mode="bilinear" if nd == 2 else "trilinear", align_corners=False)
