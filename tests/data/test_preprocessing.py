@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -429,14 +428,12 @@ def test_state_json_roundtrip_and_helpful_errors():
 
 
 @pytest.mark.slow
-def test_ct_sized_volume_is_fast():
+def test_ct_sized_volume():  # its speed is measured by benchmarks/run.py, not asserted here
     image = np.random.default_rng(0).normal(0, 300, (512, 512, 300)).astype(np.int16)
     cfg = PreprocessConfig(target_spacing=(1.0, 1.0))
-    start = time.perf_counter()
     x, _ = preprocess(image, (0.7, 0.7, 2.5), cfg)
-    elapsed = time.perf_counter() - start
     assert tuple(x.shape) == (300, 1, 368, 368)
-    assert elapsed < 10.0, f"{elapsed:.1f} s"  # about 1.6 s on 2 CPU threads; this only catches regressions
+    assert x.dtype == torch.float32 and bool(torch.isfinite(x).all())
 
 
 @pytest.mark.gpu  # skipped by conftest without CUDA
