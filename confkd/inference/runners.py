@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from confkd.errors import ConfigError, ConfKDError, GeometryError
+from confkd.inference.manifest import Manifest
 from confkd.training.distributed import resolve_amp, resolve_device
 
 __all__ = ["Amp", "Runner", "RunnerError", "TorchRunner", "check_runner_input"]
@@ -190,3 +191,30 @@ class TorchRunner:
             # softmax outside autocast, in float32; back to the standard layout the engine indexes
             parts.append(torch.softmax(logits.float(), dim=1).contiguous())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class ExportedModelRunner:
+    """What every runner over an exported model reads from its manifest (the Runner fields and the I/O names)."""
+
+    device: torch.device
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    divisor: int
+    max_tile: tuple[int, ...] | None
+    min_tile: tuple[int, ...]
+    max_batch: int
+    input_name: str
+    output_names: list[str]
+
+    def _init_from_manifest(self, manifest: Manifest, device: torch.device) -> None:
+        self.device = device
+        self.spatial_dims = manifest.spatial_dims
+        self.in_channels = manifest.in_channels
+        self.num_classes = manifest.num_classes
+        self.divisor = manifest.divisor
+        self.max_tile = tuple(manifest.bounds.max_spatial)
+        self.min_tile = tuple(manifest.bounds.min_spatial)
+        self.max_batch = manifest.bounds.batch[2]
+        self.input_name = manifest.input_name
+        self.output_names = list(manifest.output_names)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from confkd.inference.manifest import Manifest
-from confkd.inference.runners import RunnerError, check_runner_input
+from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input
 
 __all__ = ["OrtRunner", "ort_providers"]
 
@@ -45,7 +45,7 @@ def ort_providers(device: torch.device, available: list[str]) -> list[str]:
     return [p for p in wanted if p in available] + ["CPUExecutionProvider"]
 
 
-class OrtRunner:
+class OrtRunner(ExportedModelRunner):
     """Run ``model.onnx`` of an exported directory with ONNX Runtime.
 
     Args:
@@ -62,15 +62,8 @@ class OrtRunner:
     ) -> None:
         import onnxruntime as ort  # lazy: heavy, and optional for a torch-only user
 
-        self.device = device
-        self.spatial_dims = manifest.spatial_dims
-        self.in_channels = manifest.in_channels
-        self.num_classes = manifest.num_classes
-        self.divisor = manifest.divisor
-        self.max_tile: tuple[int, ...] | None = tuple(manifest.bounds.max_spatial)
-        self.max_batch = manifest.bounds.batch[2]
-        self.input_name = manifest.input_name
-        self.output_name = manifest.output_names[0]
+        self._init_from_manifest(manifest, device)
+        self.output_name = self.output_names[0]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from confkd.errors import DeviceError
 from confkd.inference.manifest import Manifest
-from confkd.inference.runners import RunnerError, check_runner_input
+from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input
 
 __all__ = [
     "SIDECAR_FIELDS",
@@ -100,7 +100,7 @@ def sidecar_problem(
     return None
 
 
-class TrtRunner:  # pragma: no cover - needs TensorRT and an NVIDIA GPU (tests marked trt)
+class TrtRunner(ExportedModelRunner):  # pragma: no cover - needs TensorRT and an NVIDIA GPU (tests marked trt)
     """Run a serialised TensorRT engine built from an exported model.
 
     Args:
@@ -119,16 +119,7 @@ class TrtRunner:  # pragma: no cover - needs TensorRT and an NVIDIA GPU (tests m
             raise RunnerError(f"the tensorrt backend needs TensorRT: {TRT_INSTALL_HINT}") from e
         if device.type != "cuda":
             raise DeviceError(f"TensorRT runs on an NVIDIA GPU; device {device} is not one")
-        self.device = device
-        self.spatial_dims = manifest.spatial_dims
-        self.in_channels = manifest.in_channels
-        self.num_classes = manifest.num_classes
-        self.divisor = manifest.divisor
-        self.max_tile: tuple[int, ...] | None = tuple(manifest.bounds.max_spatial)
-        self.max_batch = manifest.bounds.batch[2]
-        self.min_tile = tuple(manifest.bounds.min_spatial)
-        self.input_name = manifest.input_name
-        self.output_names = list(manifest.output_names)
+        self._init_from_manifest(manifest, device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(device):
             self._runtime = trt.Runtime(self._logger)
