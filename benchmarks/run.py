@@ -180,7 +180,7 @@ def pure_network_seconds(paths: list[Path], model: Any) -> float:
     from confkd.data.volume import read_volume
     from confkd.inference.engine import batch_size_for, prepare
 
-    images = [prepare(read_volume(p), model).images[0] for p in paths]
+    images = [prepare(read_volume(p), model).slices(0) for p in paths]
     runner = model.runner
     total = 0.0
     with torch.inference_mode():

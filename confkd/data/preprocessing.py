@@ -48,6 +48,8 @@ __all__ = [
     "median_spacing",
     "preprocess",
     "preprocess_label",
+    "preprocess_slices",
+    "preprocess_state",
     "select_slice_axis",
 ]
 
@@ -258,6 +260,18 @@ def preprocess(
         ``(image, state)``: contiguous float32 ``[S, 1, H', W']`` (2D) or ``[1, 1, D', H', W']`` (3D), and the
         :class:`PreprocessState` for :func:`invert`.
     """
+    state = preprocess_state(array, spacing, cfg, target_spacing=target_spacing)
+    return preprocess_slices(array, state, device=device), state
+
+
+def preprocess_state(
+    array: ArrayLike, spacing: Sequence[float], cfg: PreprocessConfig, *, target_spacing: Sequence[float] | None = None
+) -> PreprocessState:
+    """The :class:`PreprocessState` of :func:`preprocess` without the image: the geometry and the intensity map.
+
+    The intensity parameters come from the whole volume (:func:`compute_intensity_params`); nothing of
+    network size is allocated, so that :func:`preprocess_slices` can then stream the volume slab by slab.
+    """
     nd = _spatial_dims(cfg)
     data = _volume(array)
     sp = _check_spacing(spacing)
@@ -273,25 +287,8 @@ def preprocess(
     )
     padding = _padding(resampled, cfg.pad_multiple)
     lo, hi, offset, scale = compute_intensity_params(data, cfg)
-
-    src = _tensor(data).to(_device(device, data))
-    x_is_float = src.is_floating_point()
-    # one copy that casts to float32 and moves the slice axis first; everything after is in place or resampling
-    x = torch.empty(tuple(src.shape[a] for a in order), dtype=torch.float32, device=src.device)
-    x.copy_(src.permute(order))
-    del src
-    if x_is_float:
-        torch.nan_to_num_(x, nan=lo, posinf=lo, neginf=lo)
-    # normalising before resampling is the same map (linear interpolation commutes with an affine map, and the
-    # clip keeps outliers from bleeding into neighbours), and the cheaper one when resampling upsamples
-    normalise_(x, lo, hi, offset, scale)
     pad_value = float(normalise_(torch.tensor([lo], dtype=torch.float32), lo, hi, offset, scale))
-    x = x[:, None] if nd == 2 else x[None, None]
-    if resampled != native:
-        x = F.interpolate(x, size=resampled, mode="bilinear" if nd == 2 else "trilinear", align_corners=False)
-    if any(p for pair in padding for p in pair):
-        x = F.pad(x, _pad_arg(padding), value=pad_value)
-    state = PreprocessState(
+    return PreprocessState(
         spatial_dims=nd,
         original_shape=tuple(int(n) for n in data.shape),
         original_spacing=sp,
@@ -306,8 +303,63 @@ def preprocess(
         scale=scale,
         pad_value=pad_value,
     )
-    logger.debug("preprocess %s -> %s (slice axis %d)", state.original_shape, tuple(x.shape), axis)
-    return x.contiguous(), state
+
+
+def preprocess_slices(
+    array: ArrayLike,
+    state: PreprocessState,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    device: DeviceLike = None,
+) -> torch.Tensor:
+    """Network input for the slices ``start .. stop - 1`` (along the slice axis) of ``array``, mapped by ``state``.
+
+    ``state`` is :func:`preprocess_state` of the whole ``array``. In 2D each slice is normalised, resampled
+    in-plane and padded on its own, so a slab gives exactly the rows ``start:stop`` of :func:`preprocess`
+    (same values). 3D resamples across slices: only the whole volume (the default range) is allowed.
+
+    Shape:
+        ``[i, j, k]`` -> contiguous float32 ``[stop - start, 1, H', W']`` (2D) or ``[1, 1, D', H', W']`` (3D).
+    """
+    nd = state.spatial_dims
+    data = _volume(array)
+    if tuple(int(n) for n in data.shape) != state.original_shape:
+        raise GeometryError(f"volume of shape {tuple(data.shape)} does not match its state {state.original_shape}")
+    order = state.axis_order
+    n_slices = state.original_shape[state.slice_axis]
+    stop = n_slices if stop is None else stop
+    if not 0 <= start < stop <= n_slices or (nd == 3 and (start, stop) != (0, n_slices)):
+        raise ValueError(f"slices {start}:{stop} out of range for {n_slices} slices ({nd}D)")
+    whole = (start, stop) == (0, n_slices)
+    if isinstance(data, torch.Tensor):
+        src = data.detach().permute(order)
+        src = src if whole else src[start:stop]
+    else:
+        src = _tensor(data if whole else np.transpose(data, order)[start:stop])
+        if whole:
+            src = src.permute(order)
+    src = src.to(_device(device, data))
+    lo, hi, offset, scale = state.clip_lo, state.clip_hi, state.offset, state.scale
+    # one copy that casts to float32 and moves the slice axis first; everything after is in place or resampling
+    x = torch.empty(tuple(src.shape), dtype=torch.float32, device=src.device)
+    x.copy_(src)
+    x_is_float = src.is_floating_point()
+    del src
+    if x_is_float:
+        torch.nan_to_num_(x, nan=lo, posinf=lo, neginf=lo)
+    # normalising before resampling is the same map (linear interpolation commutes with an affine map, and the
+    # clip keeps outliers from bleeding into neighbours), and the cheaper one when resampling upsamples
+    normalise_(x, lo, hi, offset, scale)
+    x = x[:, None] if nd == 2 else x[None, None]
+    if state.resampled_shape != state.native_shape:
+        x = F.interpolate(
+            x, size=state.resampled_shape, mode="bilinear" if nd == 2 else "trilinear", align_corners=False
+        )
+    if any(p for pair in state.padding for p in pair):
+        x = F.pad(x, _pad_arg(state.padding), value=state.pad_value)
+    logger.debug("preprocess %s [%d:%d] -> %s", state.original_shape, start, stop, tuple(x.shape))
+    return x.contiguous()
 
 
 def _new_size(n: int, spacing: float, target: float) -> int:

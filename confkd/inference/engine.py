@@ -5,12 +5,20 @@ the device, writing in writer threads); :func:`segment_volume` runs them in a ro
 
 1. :func:`prepare` (CPU): :func:`~confkd.inference.predict.preprocess_image` with the model's resolved
    preprocessing, exactly as training; a 4D volume frame by frame.
-2. :func:`infer`: the runner's softmax probabilities in network space for the whole volume (``K x S x H' x W'``;
-   float16 on CUDA for 2D models, float32 otherwise), slices batched, tiled with Gaussian blending where a
-   slice exceeds the runner's ``max_tile`` (3D: always, with the checkpoint's patch size), optionally averaged
-   over flips. Then, a chunk of slices at a time (:func:`~confkd.data.preprocessing.invert_chunks`), the
-   probabilities go back to the input grid, where the argmax (ties: the lowest class) and the confidence
-   ``1 - H(p) / log K`` of the *final* probabilities are taken. No other ``K x volume`` copy is made.
+2. :func:`infer`: the runner's softmax probabilities in network space (``K x S x H' x W'``; float16 on CUDA for
+   2D models, float32 otherwise), slices batched, tiled with Gaussian blending where a slice exceeds the runner's
+   ``max_tile`` (3D: always, with the checkpoint's patch size), optionally averaged over flips. Then, a chunk of
+   slices at a time (:func:`~confkd.data.preprocessing.invert_chunks`), the probabilities go back to the input
+   grid, where the argmax (ties: the lowest class) and the confidence ``1 - H(p) / log K`` of the *final*
+   probabilities are taken. No other ``K x volume`` copy is made.
+
+2D models stream: :func:`infer` runs a group of slices at a time (:func:`group_slices`, about
+:data:`GROUP_BYTES` of probabilities, aligned to the runner's batches so that the values do not depend on the
+grouping) through the network and back to the input grid, and a large volume (over :data:`STREAM_BYTES` of
+network input) is not preprocessed whole in :func:`prepare` either: prepare computes the intensity parameters
+from the whole volume and each group is normalised, resampled and padded when infer reaches it. Memory beyond
+the input and the two results is then a constant, whatever the number of slices; small volumes are still
+preprocessed in :func:`prepare`, in the pipeline's reader threads.
 
 The result is on the input grid: ``labels`` and ``confidence`` have the volume's shape (4D for 4D input), ready
 to be written with the input as geometry reference.
@@ -18,6 +26,7 @@ to be written with the input as geometry reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,12 +39,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from confkd.data.preprocessing import PreprocessState, invert_chunks
+from confkd.data.preprocessing import PreprocessState, invert_chunks, preprocess_slices, preprocess_state
 from confkd.data.volume import Volume
 from confkd.errors import ConfKDError, GeometryError
-from confkd.inference.predict import preprocess_image
 from confkd.inference.runners import Runner
-from confkd.inference.tiling import TilePlan, flip_dims, plan_tiles, run_windows
+from confkd.inference.tiling import TilePlan, flip_dims, item_unit, plan_tiles, run_windows
 from confkd.training.losses import confidence_from_probabilities
 
 if TYPE_CHECKING:
@@ -47,6 +55,7 @@ __all__ = [
     "PreparedVolume",
     "SegmentationResult",
     "argmax_lowest",
+    "group_slices",
     "infer",
     "prepare",
     "segment_volume",
@@ -59,6 +68,11 @@ logger = logging.getLogger(__name__)
 CPU_BATCH_VOXELS = 1 << 18
 #: bytes of one chunk of float32 input-grid probabilities in the postprocessing
 CHUNK_BYTES = 32 << 20
+#: 2D: bytes of the float32 network-space probabilities of one group of slices streamed through infer
+GROUP_BYTES = 32 << 20
+#: 2D: a frame whose float32 network input is larger than this is preprocessed group by group inside
+#: :func:`infer` instead of whole in :func:`prepare` (smaller ones are prepared whole, in the reader threads)
+STREAM_BYTES = 64 << 20
 
 
 class InferenceError(ConfKDError, RuntimeError):
@@ -67,23 +81,27 @@ class InferenceError(ConfKDError, RuntimeError):
 
 @dataclass
 class PreparedVolume:
-    """A volume after preprocessing: CPU tensors and everything needed to map results back.
+    """A volume after preprocessing: CPU tensors, or what is needed to stream them, and the way back.
 
     Attributes:
-        images: per frame (one for 3D input), float32 ``[S, C, H', W']`` (2D model) or ``[1, C, D', H', W']``.
-        states: per frame, the :class:`PreprocessState` for the inverse.
+        images: per frame (one for 3D input), float32 ``[S, C, H', W']`` (2D model) or ``[1, C, D', H', W']``;
+            ``None`` for a large 2D frame that :func:`infer` preprocesses group by group from ``sources``.
+        states: per frame, the :class:`PreprocessState` for the inverse (the first channel's).
         shape: the input volume's shape, ``(I, J, K)`` or ``(I, J, K, T)``: the shape of the results.
         affine: the input's voxel-to-world affine (4, 4).
         path: the input file, for messages; ``None`` for an in-memory volume.
         timings: seconds spent so far (``"preprocess"``).
+        sources: per frame, ``None`` when ``images`` holds it, else per channel the input array (a view, not
+            a copy) and its :class:`PreprocessState` (intensity parameters from the whole frame).
     """
 
-    images: list[Tensor]
+    images: list[Tensor | None]
     states: list[PreprocessState]
     shape: tuple[int, ...]
     affine: np.ndarray
     path: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    sources: list[list[tuple[np.ndarray | Tensor, PreprocessState]] | None] = field(default_factory=list)
 
     @property
     def is_4d(self) -> bool:
@@ -93,6 +111,20 @@ class PreparedVolume:
     def spacing(self) -> tuple[float, float, float]:
         s = np.linalg.norm(self.affine[:3, :3], axis=0)
         return float(s[0]), float(s[1]), float(s[2])
+
+    def slices(self, frame: int, start: int = 0, stop: int | None = None) -> Tensor:
+        """Network input of frame ``frame``, slices ``start .. stop - 1`` (2D; 3D: the whole frame only).
+
+        A view of ``images[frame]`` when it is held, else preprocessed now from ``sources[frame]``: the same
+        values either way.
+        """
+        image = self.images[frame]
+        if image is not None:
+            return image[start:stop]
+        source = self.sources[frame]
+        assert source is not None  # prepare() sets one of the two
+        parts = [preprocess_slices(a, st, start, stop, device="cpu") for a, st in source]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 @dataclass
@@ -150,15 +182,28 @@ def prepare(volume: Volume | Sequence[Volume], model: LoadedModel) -> PreparedVo
             f"{_where(model.source)}: runner is {runner.spatial_dims}D but the preprocessing is "
             f"{cfg.spatial_dims}D; the model artefact is inconsistent"
         )
-    images, states = [], []
-    for frame in zip(*(c.frames() for c in channels), strict=True):
-        x, state = preprocess_image([f.array for f in frame], frame[0].spacing, cfg, device="cpu")
-        images.append(x)
-        states.append(state)
     first = channels[0]
-    prepared = PreparedVolume(images, states, first.shape, np.array(first.affine), first.path)
+    prepared = PreparedVolume([], [], first.shape, np.array(first.affine), first.path)
+    for frame in zip(*(c.frames() for c in channels), strict=True):
+        # as preprocess_image: each channel normalised on its own, the geometry of the first
+        source = [(f.array, preprocess_state(f.array, frame[0].spacing, cfg)) for f in frame]
+        state = source[0][1]
+        network_bytes = 4 * len(source) * math.prod(state.network_shape)
+        streamed = state.spatial_dims == 2 and network_bytes > STREAM_BYTES
+        prepared.states.append(state)
+        prepared.sources.append(source)
+        prepared.images.append(None)
+        if not streamed:
+            prepared.images[-1] = prepared.slices(len(prepared.images) - 1)
+            prepared.sources[-1] = None
     prepared.timings["preprocess"] = time.perf_counter() - start
-    logger.debug("prepared %s: %d frame(s) -> %s", where, len(images), tuple(images[0].shape))
+    logger.debug(
+        "prepared %s: %d frame(s) -> %s%s",
+        where,
+        len(prepared.states),
+        prepared.states[0].network_shape,
+        " (streamed)" if prepared.images[0] is None else "",
+    )
     return prepared
 
 
@@ -189,6 +234,20 @@ def tile_plan(prepared_image: Tensor, model: LoadedModel, *, overlap: float = 0.
             cap = max_tile or patch
             max_tile = tuple(min(a, b) for a, b in zip(patch, cap, strict=True))
     return plan_tiles(tuple(prepared_image.shape[2:]), divisor=runner.divisor, max_tile=max_tile, overlap=overlap)
+
+
+def group_slices(state: PreprocessState, model: LoadedModel, n_slices: int, *, overlap: float = 0.5) -> int:
+    """2D: slices per group streamed through :func:`infer`: about :data:`GROUP_BYTES` of probabilities, rounded
+    up to whole runs of the runner's batches (:func:`~confkd.inference.tiling.item_unit`), so that the network
+    sees exactly the batches it would see on the whole volume and the results do not depend on the grouping.
+    """
+    runner = model.runner
+    spatial = state.network_shape[1:]
+    plan = plan_tiles(spatial, divisor=runner.divisor, max_tile=runner.max_tile, overlap=overlap)
+    dtype = torch.float16 if runner.device.type == "cuda" else torch.float32
+    unit = item_unit(plan, runner, batch_size=batch_size_for(runner, plan.tile), n_items=n_slices, out_dtype=dtype)
+    want = max(1, GROUP_BYTES // (4 * runner.num_classes * math.prod(spatial)))
+    return -(-want // unit) * unit
 
 
 def network_probabilities(
@@ -283,17 +342,36 @@ def infer(
     timings = {"preprocess": prepared.timings.get("preprocess", 0.0), "infer": 0.0, "postprocess": 0.0}
     where = _where(prepared.path)
     with torch.inference_mode():
-        for t, (image, state) in enumerate(zip(prepared.images, prepared.states, strict=True)):
-            start = time.perf_counter()
-            probs = network_probabilities(image, model, tta=tta, overlap=overlap, pad_value=state.pad_value)
-            _sync(device)
-            middle = time.perf_counter()
+        for t, state in enumerate(prepared.states):
             frame = (Ellipsis, t) if prepared.is_4d else (Ellipsis,)
-            _postprocess(probs, state, labels[frame], confidence[frame], where)
-            del probs
-            _sync(device)
-            timings["infer"] += middle - start
-            timings["postprocess"] += time.perf_counter() - middle
+            groups: list[tuple[int, int | None]] = [(0, None)]
+            if state.spatial_dims == 2:
+                n = state.network_shape[0]
+                size = group_slices(state, model, n, overlap=overlap)
+                groups = [(g0, min(g0 + size, n)) for g0 in range(0, n, size)]
+            for g0, g1 in groups:
+                start = time.perf_counter()
+                image = prepared.slices(t, g0, g1)
+                middle = time.perf_counter()
+                probs = network_probabilities(image, model, tta=tta, overlap=overlap, pad_value=state.pad_value)
+                del image
+                _sync(device)
+                end = time.perf_counter()
+                if g1 is None:
+                    _postprocess(probs, state, labels[frame], confidence[frame], where)
+                else:  # the group's input slices: 2D never resamples along the slice axis
+                    part = [slice(None)] * 3
+                    part[state.slice_axis] = slice(g0, g1)
+                    shape = list(state.original_shape)
+                    shape[state.slice_axis] = g1 - g0
+                    sub = dataclasses.replace(state, original_shape=tuple(shape))
+                    _postprocess(probs, sub, labels[frame][tuple(part)], confidence[frame][tuple(part)], where)
+                del probs
+                _sync(device)
+                if prepared.images[t] is None:
+                    timings["preprocess"] += middle - start
+                timings["infer"] += end - middle
+                timings["postprocess"] += time.perf_counter() - end
     logger.debug("segmented %s in %s", where, {k: round(v, 3) for k, v in timings.items()})
     return SegmentationResult(labels=labels, confidence=confidence, timings=timings)
 

@@ -34,6 +34,7 @@ __all__ = [
     "TilePlan",
     "flip_dims",
     "gaussian_importance",
+    "item_unit",
     "plan_tiles",
     "run_windows",
     "to_device",
@@ -198,6 +199,28 @@ def _all_channels(window: Window) -> tuple[slice, ...]:
     return (slice(None), *window)
 
 
+def _clamp_batch(batch_size: int, runner: Runner) -> int:
+    return max(1, min(batch_size, runner.max_batch))
+
+
+def _item_group(plan: TilePlan, num_classes: int, batch_size: int, n_items: int) -> int:
+    item_bytes = 4 * num_classes * math.prod(plan.padded)
+    return max(1, min(n_items, -(-4 * batch_size // len(plan.windows)), GROUP_BYTES // item_bytes))
+
+
+def item_unit(plan: TilePlan, runner: Runner, *, batch_size: int, n_items: int, out_dtype: torch.dtype) -> int:
+    """Items per aligned slab: :func:`run_windows` on consecutive slabs of ``n * item_unit(...)`` items (the last
+    one shorter) makes exactly the runner calls (same tiles in the same batches) it makes on all ``n_items``
+    at once, so that a caller can stream the items and get the same values.
+    """
+    batch_size = _clamp_batch(batch_size, runner)
+    if plan.single:
+        return batch_size
+    if out_dtype == torch.float32 and plan.padded == plan.size:  # in place: batches run across items
+        return batch_size // math.gcd(batch_size, len(plan.windows))
+    return _item_group(plan, runner.num_classes, batch_size, n_items)
+
+
 def run_windows(
     x: Tensor,
     runner: Runner,
@@ -228,7 +251,7 @@ def run_windows(
     """
     n_items = x.shape[0]
     device = runner.device
-    batch_size = max(1, min(batch_size, runner.max_batch))
+    batch_size = _clamp_batch(batch_size, runner)
     if plan.single:
         for start in range(0, n_items, batch_size):
             xb = to_device(x[start : start + batch_size], device)
@@ -244,11 +267,9 @@ def run_windows(
     needs_pad = plan.padded != plan.size
     in_place = out.dtype == torch.float32 and not needs_pad
     crop = (slice(None), slice(None), *(slice(0, n) for n in plan.size))
-    if in_place:  # ``out`` is the accumulator and ``x`` needs no copy: one group, every batch full
-        group = n_items
-    else:  # items whose tiles fill about four batches (only a group's last batch runs part-full)
-        item_bytes = 4 * out.shape[1] * math.prod(plan.padded)
-        group = max(1, min(n_items, -(-4 * batch_size // len(windows)), GROUP_BYTES // item_bytes))
+    # in place, ``out`` is the accumulator and ``x`` needs no copy: one group, every batch full; otherwise items
+    # whose tiles fill about four batches (only a group's last batch runs part-full)
+    group = n_items if in_place else _item_group(plan, out.shape[1], batch_size, n_items)
     for g0 in range(0, n_items, group):
         g1 = min(g0 + group, n_items)
         xg = to_device(x[g0:g1], device)

@@ -23,6 +23,7 @@ from confkd.data.phantoms import make_phantom
 from confkd.data.preprocessing import invert, invert_chunks, preprocess
 from confkd.data.volume import Volume
 from confkd.errors import GeometryError
+from confkd.inference import engine
 from confkd.inference.engine import (
     InferenceError,
     PreparedVolume,
@@ -178,6 +179,26 @@ def test_labels_agree_with_the_truth_with_resampling() -> None:
     result = segment_volume(volume, model)
     assert result.labels.shape == truth.shape
     assert (result.labels == truth).mean() >= 0.99
+
+
+@pytest.mark.parametrize("max_tile", [None, (32, 24)])
+@pytest.mark.parametrize("tta", [False, True])
+def test_streaming_in_groups_of_slices_changes_nothing(
+    volume: Volume, max_tile: tuple[int, int] | None, tta: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = PreprocessConfig(pad_multiple=16, target_spacing=(0.7, 1.6))
+    whole = StubRunner(with_position, max_tile=max_tile, max_batch=3)
+    expected = segment_volume(volume, fake_model(whole, cfg), tta=tta)
+    monkeypatch.setattr(engine, "GROUP_BYTES", 1)  # one batch-aligned run of slices per group
+    monkeypatch.setattr(engine, "STREAM_BYTES", 0)  # and preprocessed group by group inside infer
+    streamed = StubRunner(with_position, max_tile=max_tile, max_batch=3)
+    model = fake_model(streamed, cfg)
+    prepared = prepare(volume, model)
+    assert prepared.images == [None] and engine.group_slices(prepared.states[0], model, 7) < 7
+    result = infer(prepared, model, tta=tta)
+    assert streamed.calls == whole.calls  # the same batches, so the same values
+    assert np.array_equal(result.labels, expected.labels)
+    assert np.array_equal(result.confidence, expected.confidence)
 
 
 # ------------------------------------------------------------------------------------------ sliding window
