@@ -52,12 +52,10 @@ NET_SHAPES = [(8, 1, 224, 224), (1, 1, 256, 256)]
 
 
 def build_model(work: Path, width: int, depth: int) -> tuple[Path, Path]:
-    import torch
 
     from confkd.config import config_from_dict
     from confkd.export.onnx_export import export_model
-    from confkd.training.checkpoint import make_checkpoint, save_checkpoint
-    from confkd.training.network import create_model
+    from confkd.training.checkpoint import save_untrained_checkpoint
 
     cfg = config_from_dict(
         {
@@ -66,20 +64,14 @@ def build_model(work: Path, width: int, depth: int) -> tuple[Path, Path]:
             "train": {"patch_size": [224, 224]},
         }
     )
-    torch.manual_seed(0)
-    model = create_model(cfg.model, 2)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 1, 64, 64))  # non-trivial BatchNorm statistics
-    ckpt = make_checkpoint(
-        model.eval(),
+    path = save_untrained_checkpoint(
         cfg,
+        work / "student.pt",
         label_names=("background", "RV", "MYO", "LV"),
         ignore_index=4,
+        warmup_shape=(4, 1, 64, 64),  # non-trivial BatchNorm statistics
         dataset_name="benchmark",
-        dataset_fingerprint="0" * 64,
     )
-    path = save_checkpoint(ckpt, work / "student.pt")
     export_model(path, work / "model")
     return path, work / "model"
 

@@ -52,6 +52,7 @@ __all__ = [
     "restore_rng_state",
     "restore_train_state",
     "save_checkpoint",
+    "save_untrained_checkpoint",
     "student_state_dict",
     "train_state",
     "unwrap_model",
@@ -317,3 +318,36 @@ def load_student(checkpoint: str | Path) -> tuple[SegmentationNetwork, dict[str,
             f"{checkpoint}: the student's weights do not fit the model its config describes ({e})"
         ) from e
     return student.eval(), ckpt
+
+
+def save_untrained_checkpoint(
+    config: Config,
+    path: str | Path,
+    *,
+    label_names: Sequence[str],
+    ignore_index: int,
+    seed: int = 0,
+    warmup_shape: Sequence[int] | None = None,
+    dataset_name: str = "untrained",
+) -> Path:
+    """Save a model with seeded random weights as a real checkpoint (benchmarks, smoke tests, pipeline checks).
+
+    ``warmup_shape`` (e.g. ``(4, 1, 64, 64)``): one forward pass of random data in train mode first, so that
+    BatchNorm running statistics are not the trivial 0/1. ``config`` must be resolved, as for
+    :func:`make_checkpoint`.
+    """
+    torch.manual_seed(seed)
+    model = create_model(config.model, config.preprocess.spatial_dims)
+    if warmup_shape is not None:
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(*warmup_shape))
+    ckpt = make_checkpoint(
+        model.eval(),
+        config,
+        label_names=label_names,
+        ignore_index=ignore_index,
+        dataset_name=dataset_name,
+        dataset_fingerprint="0" * 64,
+    )
+    return save_checkpoint(ckpt, path)

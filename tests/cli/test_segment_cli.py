@@ -13,15 +13,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from confkd.cli.main import app
 from confkd.config import config_from_dict
 from confkd.data.phantoms import make_phantom
 from confkd.data.volume import read_volume
-from confkd.training.checkpoint import make_checkpoint, save_checkpoint
-from confkd.training.network import create_model
+from confkd.training.checkpoint import save_untrained_checkpoint
 
 runner = CliRunner()
 NO_MODEL = "no --model given: pass a training checkpoint (.pt); a bundled default model arrives with a later release"
@@ -36,16 +34,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "preprocess": {"target_spacing": [1.5, 1.5], "pad_multiple": 8},
         }
     )
-    torch.manual_seed(0)
-    ckpt = make_checkpoint(
-        create_model(cfg.model, 2).eval(),
-        cfg,
-        label_names=("background", "RV", "MYO", "LV"),
-        ignore_index=4,
-        dataset_name="random",
-        dataset_fingerprint="0" * 64,
-    )
-    return save_checkpoint(ckpt, tmp_path_factory.mktemp("model") / "random.pt")
+    path = tmp_path_factory.mktemp("model") / "random.pt"
+    return save_untrained_checkpoint(cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4)
 
 
 def save_phantom(path: Path, seed: int) -> Path:

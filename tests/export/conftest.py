@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from confkd.config import config_from_dict
 from confkd.export.onnx_export import export_model
-from confkd.training.checkpoint import make_checkpoint, save_checkpoint
-from confkd.training.network import create_model
+from confkd.training.checkpoint import save_untrained_checkpoint
 
 
 def make_tiny_checkpoint(path: Path) -> Path:
@@ -22,18 +20,9 @@ def make_tiny_checkpoint(path: Path) -> Path:
             "train": {"patch_size": [64, 64]},
         }
     )
-    torch.manual_seed(0)
-    model = create_model(cfg.model, 2)
-    model(torch.randn(4, 1, 32, 32))  # BatchNorm statistics
-    ckpt = make_checkpoint(
-        model.eval(),
-        cfg,
-        label_names=("background", "RV", "MYO", "LV"),
-        ignore_index=4,
-        dataset_name="random",
-        dataset_fingerprint="0" * 64,
+    return save_untrained_checkpoint(
+        cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4, seed=0, warmup_shape=(4, 1, 32, 32)
     )
-    return save_checkpoint(ckpt, path)
 
 
 @pytest.fixture(scope="session")

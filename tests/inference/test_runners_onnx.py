@@ -16,8 +16,7 @@ from confkd.data.phantoms import make_phantom
 from confkd.inference.model import load_model
 from confkd.inference.runners import Runner, RunnerError
 from confkd.inference.runners_onnx import OrtRunner, ort_providers
-from confkd.training.checkpoint import make_checkpoint, save_checkpoint
-from confkd.training.network import create_model
+from confkd.training.checkpoint import save_untrained_checkpoint
 
 cli = CliRunner()
 
@@ -34,16 +33,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             "train": {"patch_size": [128, 128]},
         }
     )
-    torch.manual_seed(1)
-    ckpt = make_checkpoint(
-        create_model(cfg.model, 2).eval(),
-        cfg,
-        label_names=("background", "RV", "MYO", "LV"),
-        ignore_index=4,
-        dataset_name="random",
-        dataset_fingerprint="0" * 64,
+    path = save_untrained_checkpoint(
+        cfg, root / "model.pt", label_names=("background", "RV", "MYO", "LV"), ignore_index=4, seed=1
     )
-    path = save_checkpoint(ckpt, root / "model.pt")
     result = cli.invoke(app, ["export", str(path), "--out", str(root / "exported")])
     assert result.exit_code == 0, result.output
     return path, root / "exported"

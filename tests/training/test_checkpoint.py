@@ -187,3 +187,22 @@ def test_rng_state_round_trip(tmp_path: Path) -> None:
     assert torch.equal(first[0], again[0])
     assert np.array_equal(first[1], again[1])
     assert first[2] == again[2]
+
+
+def test_untrained_checkpoint_is_seeded_and_warms_batchnorm(tmp_path: Path) -> None:
+    from confkd.training.checkpoint import save_untrained_checkpoint
+
+    config = _config()
+    names = ("background", "RV", "MYO", "LV")
+    a = save_untrained_checkpoint(config, tmp_path / "a.pt", label_names=names, ignore_index=4, seed=3)
+    b = save_untrained_checkpoint(config, tmp_path / "b.pt", label_names=names, ignore_index=4, seed=3)
+    c = save_untrained_checkpoint(
+        config, tmp_path / "c.pt", label_names=names, ignore_index=4, seed=3, warmup_shape=(2, 1, 32, 32)
+    )
+    sa, sb, sc = (load_checkpoint(p)["model"] for p in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    means = [k for k in sa if k.endswith("running_mean")]
+    assert means and all(torch.count_nonzero(sa[k]) == 0 for k in means)
+    assert any(torch.count_nonzero(sc[k]) > 0 for k in means)
+    model, _ = build_model_from_checkpoint(load_checkpoint(c))
+    assert not model.training
