@@ -2,7 +2,7 @@
 then resolved against the loaded training set.
 
 A resumed run must ask for the config it was started with, except for :data:`RESUMABLE_CHANGES` (the budget,
-and the logging cadence, which changes no result); a null ``preprocess.target_spacing`` or ``train.patch_size``
+and the logging and validation cadence, which change no result); a null ``preprocess.target_spacing`` or ``train.patch_size``
 means "as resolved by the saved run". Every error names the key and the value that would fix it.
 """
 
@@ -26,7 +26,7 @@ from confkd.training.data import TrainingSet, default_patch_size
 __all__ = ["RESUMABLE_CHANGES", "check_config", "config_differences", "resolve_config", "resumed_config"]
 
 #: the keys a resumed run may change
-RESUMABLE_CHANGES = ("train.iterations", "train.epochs", "train.log_every")
+RESUMABLE_CHANGES = ("train.iterations", "train.epochs", "train.log_every", "train.val_every")
 
 
 def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -132,7 +132,7 @@ def train(
         run_dir: created if missing; must be empty unless ``resume``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         resume: continue from ``run_dir/checkpoint_last.pt``; the config must equal the saved one except for
-            ``train.iterations`` / ``train.epochs`` / ``train.log_every`` (null target spacing / patch size take
+            ``train.iterations`` / ``train.epochs`` / ``train.log_every`` / ``train.val_every`` (null target spacing / patch size take
             the saved values).
         callback: progress hooks (rank 0).
         log_every: when given, replaces ``train.log_every`` (and is saved as such in the resolved config).
