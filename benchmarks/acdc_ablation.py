@@ -242,6 +242,8 @@ def table(results: dict[str, Any], prefix: str, names: list[str]) -> str:
         if r is None:
             lines.append(f"| {label} | missing | | | | |")
             continue
+        if r.get("step") != results["iterations"]:  # stopped early (the hard deadline): say so in the row
+            label += f" † (step {r.get('step')})"
         cells = [_cell(r.get(f"dice_{c}"), 3) for c in CLASSES]
         lines.append(f"| {label} | {' | '.join(cells)} | {_cell(r['dice_mean'], 3)} | {_cell(r['hd95_mean'], 1)} |")
     return head + "\n".join(lines) + "\n"
@@ -250,11 +252,15 @@ def table(results: dict[str, Any], prefix: str, names: list[str]) -> str:
 def write_report(out: Path) -> str:
     results = json.loads((out / "results.json").read_text())
     parts = []
+    ran = set(results["runs"])
     for n in (3, 7):
         names = [f"n{n}-{v}" for v in ROW_ORDER] + ["upper_bound"]
-        parts.append(f"### N = {n} strong patients (scribbles for the other {70 - n})\n\n" + table(results, "", names))
-    names = ["n3-erosion-decoupled", "n3-erosion-confkd"]
-    parts.append("### N = 3, erosion seeds of every class instead of scribbles\n\n" + table(results, "", names))
+        if ran & set(names[:-1]):
+            title = f"### N = {n} strong patients (scribbles for the other {70 - n})\n\n"
+            parts.append(title + table(results, "", [x for x in names if x in ran]))
+    names = [x for x in ("n3-erosion-decoupled", "n3-erosion-confkd") if x in ran]
+    if names:
+        parts.append("### N = 3, erosion seeds of every class instead of scribbles\n\n" + table(results, "", names))
     text = "\n".join(parts)
     (out / "results.md").write_text(text)
     return text

@@ -34,15 +34,17 @@ class Backend(str, Enum):
 
 
 def bundled_model() -> Path | None:
-    """The default model shipped with confkd, or ``None`` while there is none (it arrives with a later release)."""
-    return None
+    """The default model shipped with confkd (cine MRI, see confkd/models/*/MODEL_CARD.md), if installed."""
+    from confkd.bundled import bundled_model_dir
+
+    return bundled_model_dir()
 
 
 def resolve_model_path(model: Path | None) -> Path:
     """``--model``, else the bundled default model; a usage error (exit 2) when there is neither."""
     path = model if model is not None else bundled_model()
     if path is None:
-        fail("no --model given: pass a training checkpoint (.pt); a bundled default model arrives with a later release")
+        fail("no --model given and this installation has no bundled default model: pass a checkpoint or model folder")
         raise typer.Exit(EXIT_USAGE)  # not reached (fail exits); for type checkers that cannot see it
     return path
 

@@ -22,7 +22,7 @@ from confkd.data.volume import read_volume
 from confkd.training.checkpoint import save_untrained_checkpoint
 
 runner = CliRunner()
-NO_MODEL = "no --model given: pass a training checkpoint (.pt); a bundled default model arrives with a later release"
+NO_MODEL = "no --model given and this installation has no bundled default model: pass a checkpoint or model folder"
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,11 @@ def test_default_out_dir_is_announced(
     assert (tmp_path / "confkd_out" / "ph0_seg.nii.gz").is_file()
 
 
-def test_usage_errors_exit_2(tmp_path: Path, scans: list[Path], checkpoint: Path) -> None:
+def test_usage_errors_exit_2(
+    tmp_path: Path, scans: list[Path], checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
+    monkeypatch.setattr("confkd.bundled.DEFAULT_MODEL", "not-installed")  # an installation without the model
     code, output = segment(*scans, "--out", out)
     assert code == 2 and NO_MODEL in " ".join(output.split())
     for bad in ("3/3", "-1/2", "x", "1/0"):
