@@ -120,7 +120,9 @@ def evaluate(
     for row in result.errors:
         err_console.print(f"[red]error:[/] {row.case}: {row.error}", highlight=False)
     if result.missing:
-        err_console.print(f"[yellow]no prediction[/] for {len(result.missing)} labels: {', '.join(result.missing)}")
+        more = len(result.missing) - 10
+        shown = ", ".join(result.missing[:10]) + (f", ... ({more} more)" if more > 0 else "")
+        err_console.print(f"[yellow]no prediction[/] for {len(result.missing)} labels: {shown}")
     console.print(f"per-case and summary CSV written to {out_dir}")
     if result.errors or result.missing:
         raise typer.Exit(EXIT_FAILED)
