@@ -4,9 +4,10 @@
         --model "ConfKD (N=3)" RUN_B.pt --out docs/figures/acdc_val.png
 
 One row per val case (``--cases``, default three patients), mid-ventricular slice (the slice with the most
-foreground in the ground truth), cropped to ``--crop-mm`` around the heart. Columns: the image; the ground truth; then for each model its student prediction
-(labels blended over the image: RV red, MYO green, LV blue) and its confidence map ``1 - H / log K`` (viridis:
-dark purple 0, yellow 1). A caption row names the columns. Written with Pillow; no plotting library needed.
+foreground in the ground truth), cropped to ``--crop-mm`` around the heart. Columns: the image; the ground truth;
+then for each model its student prediction (labels blended over the image: RV red, MYO green, LV blue) and its
+confidence map ``1 - H / log K`` (viridis: dark purple 0, yellow 1). A caption row names the columns. Written
+with Pillow; no plotting library needed.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from confkd.cli import data_commands, demo_command, export_commands, segment_commands, train_commands
+from confkd.cli import data_commands, demo_command, export_commands, report_commands, segment_commands, train_commands
 from confkd.cli._common import console
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("config")(data_commands.show_config)
 app.command()(train_commands.train)
 app.command()(train_commands.evaluate)
 app.command()(segment_commands.segment)
+app.command("merge-reports")(report_commands.merge_reports)
 app.command()(export_commands.export)
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from confkd.cli import _devices
 from confkd.cli._common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, console, err_console, fail, show_table
 from confkd.errors import ConfKDError
 
@@ -31,6 +32,7 @@ class Backend(str, Enum):
     torch = "torch"
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
+    triton = "triton"
 
 
 def bundled_model() -> Path | None:
@@ -149,6 +151,9 @@ def segment(
     ] = None,
     backend: Annotated[Backend, typer.Option(help="Who runs the network.")] = Backend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    devices: Annotated[
+        str | None, typer.Option(help="Several devices, one worker process each: 0,1 (GPUs), or cpu,cpu.")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases whose outputs are complete.")] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Flip test-time augmentation.")] = False,
     shard: Annotated[
@@ -160,9 +165,21 @@ def segment(
     low_confidence: Annotated[
         float, typer.Option(help="Voxels below this confidence count as low-confidence in the reports.")
     ] = 0.5,
+    max_voxels: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Refuse a scan whose image or network grid has more voxels (before decoding it); 0: no limit."
+        ),
+    ] = 2**31,  # confkd.data.volume.DEFAULT_MAX_VOXELS, not imported here: --help stays instant
     precision: Annotated[str, typer.Option(help="TensorRT engine precision: fp32 or fp16.")] = "fp16",
     engine_dir: Annotated[
         Path | None, typer.Option(help="TensorRT engine cache (default: $CONFKD_ENGINE_DIR, else trt_engines/).")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="--backend triton: the Triton server's HTTP address, HOST:PORT.")
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="--backend triton: the model's name on the server (default: export's).")
     ] = None,
 ) -> None:
     """Segment scans: label map, confidence map and QA report per case, plus summary.csv and failures.jsonl."""
@@ -170,6 +187,10 @@ def segment(
 
     if not 0.0 < low_confidence <= 1.0:
         fail(f"--low-confidence {low_confidence}: must be in (0, 1]")
+    if backend is Backend.triton and url is None:
+        fail("--backend triton needs --url HOST:PORT (the Triton server's HTTP port, 8000 by default)")
+    if backend is not Backend.triton and (url is not None or model_name is not None):
+        fail("--url and --model-name apply to --backend triton only")
     try:
         shard_spec = parse_shard(shard) if shard is not None else None
     except ConfKDError as e:
@@ -178,6 +199,7 @@ def segment(
         out = DEFAULT_OUT
         console.print(f"no --out given: writing to ./{DEFAULT_OUT}/", highlight=False)
     model_path = resolve_model_path(model)
+    device_list = _devices.device_list(devices, device, backend.value)
 
     resolved = resolve_inputs(inputs, exclude=out)
     for pattern in resolved.unmatched:
@@ -195,13 +217,21 @@ def segment(
     from confkd.inference.pipeline import BatchInterrupted, run_batch
 
     try:
+        # --devices: one worker process per device loads the model (confkd.inference.multidevice)
+        pool = _devices.start_pool(model_path, device_list, engine_dir, backend=backend.value, precision=precision)
         provider = None
         if backend in (Backend.auto, Backend.tensorrt) and model_path.is_dir():
             from confkd.export.engine_cache import engine_provider
 
             provider = engine_provider(engine_dir)
-        loaded = load_model(
-            model_path, backend=backend.value, device=device, precision=precision, engine_provider=provider
+        loaded = pool or load_model(
+            model_path,
+            backend=backend.value,
+            device=device,
+            precision=precision,
+            engine_provider=provider,
+            url=url,
+            triton_model=model_name,
         )
     except ConfKDError as e:
         fail(str(e))
@@ -221,6 +251,7 @@ def segment(
                 tta=tta,
                 preview=preview,
                 low_confidence=low_confidence,
+                max_voxels=max_voxels or None,
                 progress=progress,
             )
     except BatchInterrupted as e:

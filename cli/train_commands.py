@@ -11,6 +11,8 @@ import typer
 from confkd.cli._common import EXIT_FAILED, console, err_console, fail, quiet_info_logs, resolve_config, show_table
 from confkd.errors import ConfKDError
 
+EXIT_INTERRUPTED = 130  # as `segment`: the run stopped on SIGINT / SIGTERM, and can be resumed
+
 
 class RichProgress:
     """A rich progress bar with the loss terms and throughput; used only when stdout is a terminal."""
@@ -67,6 +69,7 @@ def train(
     ] = False,
 ) -> None:
     """Train a ConfKD model (or one of the paper's baselines) on a mixed-supervision dataset."""
+    from confkd.training.trainer import TrainingInterrupted
     from confkd.training.trainer import train as run_training
 
     cfg = resolve_config(config, overrides)
@@ -78,9 +81,17 @@ def train(
             result = run_training(dataset, cfg, out, device=device, resume=resume)
     except ConfKDError as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        err_console.print(f"interrupted: resume with  confkd train {dataset} --out {out} --resume")
-        raise typer.Exit(130) from None
+    except TrainingInterrupted as e:
+        hint = _resume_hint(dataset, out, device)
+        err_console.print(
+            f"interrupted by {e.signal_name} at step {e.step}: {e.checkpoint} written; {hint}", highlight=False
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # before the training loop, or a second signal: the last checkpoint (if any) stays
+        last = out / "checkpoint_last.pt"
+        hint = _resume_hint(dataset, out, device) if last.is_file() else "no checkpoint yet: nothing to resume"
+        err_console.print(f"interrupted: {hint}", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     best = (
         "no validation split" if result.best_metric is None else f"best student mean val Dice {result.best_metric:.4f}"
     )
@@ -88,6 +99,16 @@ def train(
         f"done: {result.steps} steps, {result.images_per_s:.1f} images/s, {best}; "
         f"checkpoints in {result.run_dir} (best: {result.best_checkpoint.name}, last: {result.last_checkpoint.name})"
     )
+
+
+def _resume_hint(dataset: Path, out: Path, device: str) -> str:
+    """The command that continues the run: the saved (resolved) config is the one ``--resume`` must be given."""
+    import shlex
+
+    args = ["confkd", "train", str(dataset), "--config", str(out / "config.yaml"), "--out", str(out), "--resume"]
+    if device != "auto":
+        args += ["--device", device]
+    return "resume with  " + shlex.join(args)
 
 
 def evaluate(

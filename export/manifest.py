@@ -15,6 +15,7 @@ from confkd.inference.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MANIFEST_ONLY_FIELDS,
     Bounds,
     Manifest,
     canonical_json,
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 #: manifest fields that the ONNX metadata cannot hold (they are computed from the written file)
-METADATA_ONLY_IN_MANIFEST = ("onnx_sha256", "verification")
+METADATA_ONLY_IN_MANIFEST = MANIFEST_ONLY_FIELDS
 
 
 def config_sha256(config: Mapping[str, Any]) -> str:

@@ -59,6 +59,8 @@ def read_nifti(path: Path, *, max_voxels: int | None = None) -> Volume:
         data = np.asanyarray(img.dataobj)
     except _DECODE_ERRORS as e:
         raise VolumeReadError(f"{where}: voxel data are truncated or corrupt ({one_line(e)})") from e
+    except MemoryError as e:  # within max_voxels, yet more than this machine can hold
+        raise VolumeReadError(f"{where}: not enough memory to decode {raw_shape} voxels") from e
     if data.dtype.byteorder not in ("=", "|", _NATIVE):
         data = data.astype(data.dtype.newbyteorder("="))
     data = data.reshape(shape)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from confkd.data.io_sitk import ItkGeometry
 
 __all__ = [
+    "DEFAULT_MAX_VOXELS",
     "FORMATS",
     "SCALE_KEY",
     "Volume",
@@ -50,6 +53,10 @@ logger = logging.getLogger(__name__)
 FORMATS = ("nifti1", "nifti2", "nrrd", "mha", "mhd", "dicom")
 #: metadata key holding the scale of a uint8-quantised float map in NRRD / MetaImage files
 SCALE_KEY = "confkd_scale"
+#: ``confkd segment``'s default ``max_voxels``: 2^31 voxels (8 GiB as float32) is beyond any clinical CT or MR
+#: (a 512 x 512 x 2000 whole-body CT has about 2^29), yet refuses a corrupt header before it can exhaust memory. A fixed
+#: number, not one derived from the free RAM, so that whether a case is accepted does not depend on the machine.
+DEFAULT_MAX_VOXELS = 2**31
 
 _SUFFIX_FORMAT = {
     ".nii": "nifti1",
@@ -252,12 +259,16 @@ def normalize_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
     return out
 
 
-def check_voxels(shape: tuple[int, ...], max_voxels: int | None, where: str) -> None:
-    """Raise ``VolumeReadError`` when the header's shape holds more than ``max_voxels`` voxels."""
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 0
+def check_voxels(shape: tuple[int, ...], max_voxels: int | None, where: str, what: str = "image") -> None:
+    """Raise ``VolumeReadError`` when a grid of ``shape`` holds more than ``max_voxels`` voxels (``None``: no limit).
+
+    Readers pass the header's shape, before decoding any voxel; ``what`` names the grid in the message.
+    """
+    n = math.prod(int(d) for d in shape) if shape else 0  # Python ints: a corrupt header cannot overflow
     if max_voxels is not None and n > max_voxels:
         raise VolumeReadError(
-            f"{where}: image of shape {tuple(shape)} has {n} voxels, more than max_voxels={max_voxels}"
+            f"{where}: {what} of shape {tuple(int(d) for d in shape)} has {n} voxels, more than "
+            f"max_voxels={max_voxels} (confkd segment --max-voxels)"
         )
 
 
@@ -290,6 +301,13 @@ def read_volume(path: str | Path, *, max_voxels: int | None = None, series_uid: 
         raise VolumeReadError(f"{p}: no such file or directory") from e
     except OSError as e:
         raise VolumeReadError(f"{p}: cannot access ({e.strerror or one_line(e)})") from e
+    try:  # the readers' own messages for this are vague ("Could not read file")
+        if p.is_dir():
+            os.listdir(p)
+        else:
+            open(p, "rb").close()
+    except OSError as e:
+        raise VolumeReadError(f"{p}: cannot open for reading ({e.strerror or one_line(e)})") from e
     fmt = image_format(p)
     if not p.is_dir() and size == 0:
         raise VolumeReadError(f"{p}: file is empty (0 bytes)")

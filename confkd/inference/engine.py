@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from confkd.data.preprocessing import PreprocessState, invert_chunks, preprocess_slices, preprocess_state
-from confkd.data.volume import Volume
+from confkd.data.volume import Volume, check_voxels
 from confkd.errors import ConfKDError, GeometryError
 from confkd.inference.runners import Runner
 from confkd.inference.tiling import TilePlan, flip_dims, item_unit, plan_tiles, run_windows
@@ -162,11 +162,13 @@ def _channels(volume: Volume | Sequence[Volume]) -> list[Volume]:
     return channels
 
 
-def prepare(volume: Volume | Sequence[Volume], model: LoadedModel) -> PreparedVolume:
+def prepare(volume: Volume | Sequence[Volume], model: LoadedModel, *, max_voxels: int | None = None) -> PreparedVolume:
     """Preprocess a volume for ``model`` on the CPU (safe to run in reader threads).
 
     ``volume``: one :class:`Volume`, or one per input channel of a multi-channel model (same grid). 4D volumes
     are preprocessed frame by frame, each with its own intensity normalisation, as 3D training volumes are.
+    ``max_voxels``: refuse (``VolumeReadError``), before allocating it, a network grid of more voxels: an
+    absurd spacing (1e6 mm resampled to 1.5 mm) would otherwise exhaust the memory.
     """
     start = time.perf_counter()
     channels = _channels(volume)
@@ -188,6 +190,8 @@ def prepare(volume: Volume | Sequence[Volume], model: LoadedModel) -> PreparedVo
         # as preprocess_image: each channel normalised on its own, the geometry of the first
         source = [(f.array, preprocess_state(f.array, frame[0].spacing, cfg)) for f in frame]
         state = source[0][1]
+        spacing = "x".join(f"{v:.3g}" for v in frame[0].spacing)
+        check_voxels(state.network_shape, max_voxels, where, f"resampled from {spacing} mm voxels, the network grid")
         network_bytes = 4 * len(source) * math.prod(state.network_shape)
         streamed = state.spatial_dims == 2 and network_bytes > STREAM_BYTES
         prepared.states.append(state)

@@ -52,6 +52,7 @@ __all__ = [
     "display_path",
     "output_suffix",
     "parse_shard",
+    "printable",
     "resolve_inputs",
     "sanitize_case_name",
     "select_shard",
@@ -136,6 +137,16 @@ class ResolvedInputs:
 def display_path(path: str | Path) -> str:
     """``path`` as printable text: undecodable bytes of a non-UTF-8 file name become ``\\xNN`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """``text`` (a message that may quote a non-UTF-8 file name) safe to print and to write as UTF-8: undecodable
+    bytes, held as surrogate escapes, become ``\\xNN`` as in :func:`display_path`; other lone surrogates
+    ``\\udNNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def sanitize_case_name(name: str) -> str:

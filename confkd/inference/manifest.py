@@ -3,7 +3,8 @@
 ``confkd export`` writes it (:mod:`confkd.export.manifest`); inference reads it here, so that
 :mod:`confkd.inference.model` can load an exported directory without importing the exporter (imports run
 ``cli -> export -> confkd``). The schema is strict: unknown or missing fields are an error that lists them, and
-:func:`load_manifest` refuses a directory whose ONNX file does not hash to the recorded ``onnx_sha256``.
+:func:`load_manifest` refuses a directory whose ONNX file does not hash to the recorded ``onnx_sha256``, or whose
+manifest disagrees with the ONNX file's metadata (a manifest edited after export).
 
 Fields (all required):
 
@@ -38,6 +39,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MANIFEST_ONLY_FIELDS",
     "MAX_SIDE",
     "Bounds",
     "Manifest",
@@ -51,6 +53,8 @@ __all__ = [
 FORMAT = "confkd-export"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+#: manifest fields that the ONNX metadata cannot hold (they are computed from the written file)
+MANIFEST_ONLY_FIELDS = ("onnx_sha256", "verification")
 
 
 def canonical_json(value: Any) -> str:
@@ -186,7 +190,8 @@ def load_manifest(model_dir: str | Path, *, verify_hash: bool = True) -> Manifes
 
     Raises:
         ManifestError: no or unreadable manifest, schema violation, missing ONNX file, or (``verify_hash``) an
-            ONNX file whose sha256 differs from ``onnx_sha256`` (modified, truncated or swapped after export).
+            ONNX file whose sha256 differs from ``onnx_sha256`` (modified, truncated or swapped after export), or
+            a manifest field that differs from the ONNX metadata (the manifest was edited after export).
     """
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
@@ -207,7 +212,33 @@ def load_manifest(model_dir: str | Path, *, verify_hash: bool = True) -> Manifes
                 f"{onnx_path}: sha256 {actual[:12]}... does not match the manifest's {manifest.onnx_sha256[:12]}...; "
                 "the file was modified after export: re-export the model"
             )
+        # the hash vouches for the ONNX file, whose metadata carry every manifest field but MANIFEST_ONLY_FIELDS:
+        # a manifest edited after export (labels, preprocessing, bounds...) disagrees with them
+        metadata = _onnx_metadata(onnx_path)
+        differ = [k for k in _FIELDS if k not in MANIFEST_ONLY_FIELDS and metadata.get(k, _ABSENT) != data[k]]
+        if differ:
+            raise ManifestError(
+                f"{path}: {', '.join(differ)} differ(s) from the metadata of {manifest.model_file} (the file its "
+                "onnx_sha256 vouches for); the manifest was modified after export: re-export the model"
+            )
     return manifest
+
+
+_ABSENT = object()
+
+
+def _onnx_metadata(onnx_path: Path) -> dict[str, Any]:
+    """The ``confkd.<field>`` metadata of an exported ONNX file, decoded (JSON values)."""
+    import onnx  # lazy: slow to import, and only needed when an exported model is loaded
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        return {
+            p.key[len("confkd.") :]: json.loads(p.value) for p in model.metadata_props if p.key.startswith("confkd.")
+        }
+    except Exception as e:  # protobuf's DecodeError, JSON errors: both mean "not what export wrote"
+        reason = " ".join(str(e).split())[:200]
+        raise ManifestError(f"{onnx_path}: cannot read its confkd metadata ({type(e).__name__}: {reason})") from e
 
 
 #: largest default spatial side of an exported model (and of a checkpoint's torch tiles)

@@ -6,9 +6,9 @@ which backends run it and how to load it.
 =====================  ==========================  =====================================================
 format                 backends                    ``backend="auto"`` picks
 =====================  ==========================  =====================================================
-exported directory     onnxruntime, tensorrt       tensorrt when TensorRT is installed, CUDA is visible and
-(``manifest.json`` +                               an ``engine_provider`` was given; else onnxruntime
-``model.onnx``)                                    (its CUDA provider when onnxruntime-gpu has one)
+exported directory     onnxruntime, tensorrt,      tensorrt when TensorRT is installed, CUDA is visible and
+(``manifest.json`` +   triton                      an ``engine_provider`` was given; else onnxruntime
+``model.onnx``)                                    (its CUDA provider when onnxruntime-gpu has one); never triton
 TensorRT engine        tensorrt                    tensorrt (needs the ``<engine>.json`` sidecar)
 training checkpoint    torch                       torch (the student only)
 =====================  ==========================  =====================================================
@@ -76,6 +76,7 @@ class Backend(str, Enum):
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    TRITON = "triton"
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,17 @@ def _exported_model(manifest: Manifest, runner: Runner, path: Path) -> LoadedMod
 
 
 def _load_exported(path: Path, backend: Backend, device: torch.device, options: dict[str, Any]) -> LoadedModel:
-    """An exported directory -> :class:`OrtRunner` or (tensorrt) :class:`TrtRunner` with a cached engine."""
+    """An exported directory -> :class:`OrtRunner`, (tensorrt) :class:`TrtRunner` with a cached engine, or
+    (triton) :class:`TritonRunner` sending the tiles to a Triton server."""
     manifest = load_manifest(path)  # checks the ONNX file's sha256 first
+    if backend is Backend.TRITON:
+        from confkd.inference.runners_triton import TritonRunner, default_model_name
+
+        url = options.get("url")
+        if not url:
+            raise ModelLoadError(f"{path}: the triton backend needs the server's address (--url HOST:PORT)")
+        name = options.get("triton_model") or default_model_name(path)
+        return _exported_model(manifest, TritonRunner(url, name, manifest), path)
     if backend is Backend.TENSORRT:
         from confkd.inference.runners_trt import TrtRunner, tensorrt_version
 
@@ -228,7 +238,7 @@ MODEL_FORMATS: tuple[ModelFormat, ...] = (
         "exported",
         "an exported model directory (manifest.json + ONNX)",
         _is_exported_dir,
-        (Backend.ONNXRUNTIME, Backend.TENSORRT),
+        (Backend.ONNXRUNTIME, Backend.TENSORRT, Backend.TRITON),
         _load_exported,
     ),
     ModelFormat(
@@ -275,6 +285,8 @@ def load_model(
     precision: str = "fp16",
     engine_provider: EngineProvider | None = None,
     threads: int | None = None,
+    url: str | None = None,
+    triton_model: str | None = None,
 ) -> LoadedModel:
     """Load a model for inference.
 
@@ -282,7 +294,7 @@ def load_model(
         path: a training checkpoint (``.pt``), an exported directory (``confkd export``: ``manifest.json`` +
             ``model.onnx``) or a cached TensorRT ``.engine`` with its sidecar.
         backend: ``"auto"`` (the fastest available for the format, see the module docstring), ``"torch"``,
-            ``"onnxruntime"`` or ``"tensorrt"``.
+            ``"onnxruntime"``, ``"tensorrt"`` or ``"triton"`` (a Triton server, ``url``).
         device: ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``. With
             onnxruntime, ``"auto"`` falls back to the CPU when onnxruntime has no CUDA provider.
         amp, channels_last, max_batch: passed to :class:`~confkd.inference.runners.TorchRunner`.
@@ -290,6 +302,9 @@ def load_model(
         engine_provider: where the tensorrt backend of an exported directory gets its engine (the cache of
             :mod:`confkd.export.engine_cache`); without one, ``auto`` never picks tensorrt for a directory.
         threads: ONNX Runtime intra-op threads on the CPU (``None``: its default).
+        url, triton_model: the triton backend's server (``HOST:PORT``) and model name (default: the one
+            ``confkd export --triton`` wrote into the exported directory). The network runs on the server, the
+            rest locally on the CPU, so ``device`` must be ``"auto"`` or ``"cpu"``.
 
     Raises:
         ModelLoadError: missing path, an unrecognised directory, or a backend that cannot run this format.
@@ -297,12 +312,18 @@ def load_model(
         ManifestError: an exported directory with a bad manifest or a modified ONNX file.
         CheckpointError: a file that is not a readable confkd checkpoint.
         ConfigError: unknown backend or device name. DeviceError: CUDA requested but absent.
-        RunnerError: tensorrt requested without TensorRT installed (the message gives the pip command).
+        RunnerError: tensorrt requested without TensorRT installed, or triton without tritonclient (the message
+            gives the pip command); a Triton server that is unreachable, not ready, or serves another model.
         Every message starts with the path (or names the bad value) and fits on one line.
     """
     p = Path(path)
     chosen = _backend(backend)
-    dev = resolve_device(device)
+    if chosen is Backend.TRITON and device not in ("auto", "cpu"):
+        raise ConfigError(
+            f"device {device!r}: with the triton backend the server runs the network on its own GPUs (its "
+            "instance_group) and the client works on the CPU; use device auto or cpu"
+        )
+    dev = torch.device("cpu") if chosen is Backend.TRITON else resolve_device(device)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory")
     fmt = next((f for f in MODEL_FORMATS if f.matches(p)), None)
@@ -328,6 +349,8 @@ def load_model(
         "precision": precision,
         "engine_provider": engine_provider,
         "threads": threads,
+        "url": url,
+        "triton_model": triton_model,
     }
     model = fmt.loader(p, chosen, dev, options)
     logger.info("loaded %s (%s) on %s with %s", p, model.model_version, dev, chosen.value)

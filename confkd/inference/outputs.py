@@ -8,17 +8,21 @@ asked for), and they all exist. Per folder: ``summary.csv`` and ``failures.jsonl
 :func:`write_case_images` writes the images of a case to hidden ``.part`` files first (each one atomically), and
 renames them into place only when all of them succeeded; an existing report is removed before those renames, so a
 crash between two renames leaves an incomplete case (redone by the next run), never a report describing images of
-another run. A failed write removes its part files; the previous outputs stay untouched.
+another run. A failed write removes its part files; the previous outputs stay untouched; its message names the
+output (not the part file) and the system's reason. :func:`write_case_report` writes the report last; if that
+fails (a full disk), it removes the images just renamed into place, so a failed case leaves no outputs.
 
 ``failures.jsonl`` is an append-only history: one JSON object per line and failed case, with ``run_id``, ``time``
 (UTC), ``case``, ``input``, ``stage`` (``input``, ``read``, ``preprocess``, ``infer`` or ``write``), ``error_type``
 and ``message``. Each line is one ``write`` to a file opened in append mode, so concurrent shards on one local
-file system do not interleave lines (on NFS, give each shard its own OUT_DIR).
+file system do not interleave lines (on NFS, give each shard its own OUT_DIR). A line torn by a full disk is
+skipped on reading, and the next append starts a new line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from confkd.errors import ConfKDError
-from confkd.inference.inputs import CaseInput, display_path
-from confkd.inference.report import read_report
+from confkd.errors import ConfKDError, VolumeWriteError
+from confkd.inference.inputs import CaseInput, display_path, printable
+from confkd.inference.report import read_report, write_report
 from confkd.io_utils import atomic_path
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ __all__ = [
     "prepare_out_dir",
     "read_failures",
     "write_case_images",
+    "write_case_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,10 @@ CONFIDENCE_SCALE = 1 / 255
 # younger ones may belong to another shard writing into the same folder right now
 STALE_S = 3600.0
 _STALE = re.compile(r"^\..+\.(part|tmp)(\.[A-Za-z0-9.]+)?$")
+# a part file ".<name>.<run id>.part<suffix>" is written through atomic_path, whose temporary name adds another
+# ".", ".XXXXXXXX.tmp" and the suffix: 59 bytes with the longest run id and suffix. Output names of the longest
+# case names (MAX_CASE_BYTES + "_preview.png") would pass the usual 255-byte limit, so long ones are shortened
+_PART_NAME_BYTES = 120
 
 
 class OutputDirError(ConfKDError, OSError):
@@ -136,19 +145,28 @@ def write_case_images(
     names = output_names(case, preview=preview)
     # hidden part files keep the full image suffix: write_volume picks the format from it
     suffixes = {"seg": case.suffix, "conf": case.suffix, "preview": ".png"}
-    parts = {key: out_dir / f".{names[key]}.{tag}.part{suffixes[key]}" for key in names if key != "report"}
+    parts = {key: out_dir / f".{_short(names[key])}.{tag}.part{suffixes[key]}" for key in names if key != "report"}
+    key = "seg"  # the output being written, for the error message
     try:
         write_volume(labels, volume, parts["seg"], kind="label")
+        key = "conf"
         write_volume(confidence, volume, parts["conf"], kind="float", scale=CONFIDENCE_SCALE)
         if preview:
             from confkd.inference.preview import write_preview
 
+            key = "preview"
             write_preview(parts["preview"], np.asarray(volume.array), labels, confidence, volume.spacing)
         # the old report goes first: from here until the new one lands the case reads as incomplete
+        key = "report"
         with contextlib.suppress(FileNotFoundError):
             (out_dir / names["report"]).unlink()
-        for key, part in parts.items():
+        for key, part in parts.items():  # key names the file in an error
             os.replace(part, out_dir / names[key])
+    except OSError as e:
+        error = _write_error(out_dir / names[key], e)
+        if error is e:
+            raise
+        raise error from e
     finally:
         for part in parts.values():
             with contextlib.suppress(OSError):
@@ -156,16 +174,73 @@ def write_case_images(
     return {key: names[key] for key in parts}
 
 
+def _write_error(path: Path, error: OSError) -> OSError:
+    """A one-line error naming the output ``path`` (not its hidden part file) and the system's reason (a full
+    disk: "No space left on device"); ``error`` itself when it is not the system's (bad data for the kind)."""
+    from confkd.data.volume import one_line
+
+    cause = error.__cause__ if isinstance(error, VolumeWriteError) else error
+    if not isinstance(cause, OSError):
+        return error
+    return VolumeWriteError(f"{display_path(path)}: cannot write ({cause.strerror or one_line(cause)})")
+
+
+def write_case_report(out_dir: Path, case: CaseInput, report: dict[str, Any], images: Mapping[str, str]) -> None:
+    """Write the case's report, last: from now on the case is complete.
+
+    When the report cannot be written, the ``images`` just renamed into place are removed too, so that a failed
+    case leaves no outputs behind (the next run redoes it).
+
+    Raises:
+        VolumeWriteError: naming the report file and the system's reason.
+    """
+    path = out_dir / output_names(case)["report"]
+    try:
+        write_report(path, report)
+    except OSError as e:
+        for name in images.values():
+            with contextlib.suppress(OSError):
+                (out_dir / name).unlink()
+        raise VolumeWriteError(f"{display_path(path)}: cannot write the report ({e.strerror or e})") from e
+
+
+def _short(name: str) -> str:
+    """``name``, or its first bytes plus a hash of the whole when it is longer than ``_PART_NAME_BYTES``."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= _PART_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    return f"{raw[: _PART_NAME_BYTES - 9].decode('utf-8', 'ignore')}-{digest}"
+
+
 def append_failures(path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """Append one JSON line per record to ``failures.jsonl`` (ASCII JSON; one ``write`` per line), then fsync."""
+    """Append one JSON line per record to ``failures.jsonl`` (ASCII JSON; one ``write`` per line), then fsync.
+
+    A torn last line (a write cut short by a full disk) is ended first, so it stays a malformed line of its own,
+    skipped on reading, instead of swallowing the next record.
+    """
     lines = [json.dumps(dict(r)) + "\n" for r in records]
     if not lines:
         return
+    if _torn(path):
+        lines[0] = "\n" + lines[0]
     with open(path, "a", encoding="utf-8") as f:
         for line in lines:
             f.write(line)
             f.flush()
         os.fsync(f.fileno())
+
+
+def _torn(path: Path) -> bool:
+    """The file exists, is not empty and does not end with a newline."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def read_failures(path: Path) -> dict[str, dict[str, Any]]:
@@ -179,5 +254,7 @@ def read_failures(path: Path) -> dict[str, dict[str, Any]]:
         with contextlib.suppress(ValueError):
             record = json.loads(line)
             if isinstance(record, dict) and isinstance(record.get("case"), str):
+                # JSON may hold lone surrogates ("\udcff": an undecodable file name); they cannot be written as UTF-8
+                record = {k: printable(v) if isinstance(v, str) else v for k, v in record.items()}
                 out[record["case"]] = record
     return out

@@ -8,11 +8,19 @@ write the previous results; the queues between them are bounded, so memory stays
 
 Complete cases (:func:`~confkd.inference.outputs.is_complete`) are skipped unless ``overwrite``.
 
+Several devices: with a :class:`~confkd.inference.multidevice.DevicePool` as the model, every case runs in one of
+the pool's worker processes (one per device) instead of this process's threads; everything else here (skipping,
+failures, signals, flags, summary) is the same.
+
 Failures: any exception in one case (reading, preprocessing, inference, writing; an expected
 :class:`~confkd.errors.ConfKDError` or not) fails that case only: one outcome through the callback (or a log line),
 one line in ``failures.jsonl``, and the batch goes on; unexpected exception types are named in the message and
 their traceback goes to the debug log. A re-run retries every case that is not complete, so the failures of an
 earlier run are retried without bookkeeping; ``failures.jsonl`` keeps the history, each line with its run id.
+A case too large for ``max_voxels`` (its header, before decoding; its network grid, before allocating it) fails
+like any other. A full disk fails the cases being written; when ``failures.jsonl`` or ``summary.csv`` cannot be
+written either, the batch still runs to its end and then raises :class:`~confkd.inference.outputs.OutputDirError`.
+See docs/reliability.md.
 
 Interruption: the first SIGINT / SIGTERM stops taking new cases; the case being inferred is finished and written,
 queued results are written, the summary is written and :class:`BatchInterrupted` is raised (the CLI exits 130).
@@ -34,23 +42,26 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from confkd.inference.inputs import CaseInput, InputProblem, ResolvedInputs, display_path
+from confkd.data.volume import DEFAULT_MAX_VOXELS
+from confkd.inference.inputs import CaseInput, InputProblem, ResolvedInputs, display_path, printable
+from confkd.inference.multidevice import DeviceBatch, DevicePool
 from confkd.inference.outputs import (
     FAILURES_FILE,
     SUMMARY_FILE,
+    OutputDirError,
     append_failures,
     is_complete,
     prepare_out_dir,
     read_failures,
 )
 from confkd.inference.report import CONFIDENCE_FLOOR, apply_batch_flags, load_reports, utc_now, write_summary
-from confkd.inference.workers import Batch, CaseOutcome, drive
+from confkd.inference.workers import Batch, CaseOutcome
 
 if TYPE_CHECKING:
     from confkd.inference.model import LoadedModel
@@ -183,7 +194,7 @@ def _problem_outcome(problem: InputProblem) -> CaseOutcome:
 def run_batch(
     inputs: ResolvedInputs | Sequence[CaseInput],
     out_dir: str | Path,
-    model: LoadedModel,
+    model: LoadedModel | DevicePool,
     *,
     overwrite: bool = False,
     tta: bool = False,
@@ -193,6 +204,7 @@ def run_batch(
     writers: int = 1,
     readers: int = 1,
     confidence_floor: float = CONFIDENCE_FLOOR,
+    max_voxels: int | None = DEFAULT_MAX_VOXELS,
     progress: BatchCallback | None = None,
 ) -> BatchResult:
     """Segment every case of ``inputs`` into ``out_dir`` with an already loaded ``model``.
@@ -200,12 +212,16 @@ def run_batch(
     Args:
         inputs: resolved (and sharded) inputs; their problems are recorded as failed cases (stage ``"input"``).
         out_dir: created if missing.
+        model: loaded once by the caller; or a :class:`~confkd.inference.multidevice.DevicePool` (one worker
+            process per device, each with the model loaded, taking cases from a shared counter; same outputs).
         overwrite: redo complete cases too (their outputs are replaced only once the new ones are written).
         tta: flip test-time augmentation (the engine's).
         preview: also write ``<case>_preview.png`` (a case without it is not complete).
         low_confidence: voxels below this confidence count as low-confidence in the reports.
         prefetch: prepared cases waiting for inference, at most. ``readers`` / ``writers``: thread counts.
         confidence_floor: absolute floor of the batch flag (see :mod:`confkd.inference.report`).
+        max_voxels: memory guard: a case whose image (from its header, before decoding) or network grid (after
+            resampling to the model's spacing) holds more voxels fails with a one-line message; ``None``: no limit.
         progress: hooks for a progress display; without it, each case is logged at INFO (failures at WARNING).
 
     Returns:
@@ -213,7 +229,8 @@ def run_batch(
 
     Raises:
         BatchInterrupted: SIGINT / SIGTERM; its ``result`` holds what was done, and summary.csv is written.
-        OutputDirError: ``out_dir`` cannot be created or written.
+        OutputDirError: ``out_dir`` cannot be created or written; also after the run, when ``failures.jsonl`` or
+            ``summary.csv`` could not be written (a full disk): the cases reported ok are complete even then.
         ValueError: a bad numeric argument.
     """
     if not 0.0 < low_confidence <= 1.0:
@@ -221,6 +238,8 @@ def run_batch(
     for name, value in (("prefetch", prefetch), ("writers", writers), ("readers", readers)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1; got {value}")
+    if max_voxels is not None and max_voxels < 1:
+        raise ValueError(f"max_voxels must be >= 1 or None (no limit); got {max_voxels}")
     resolved = inputs if isinstance(inputs, ResolvedInputs) else ResolvedInputs(tuple(inputs))
     out = Path(out_dir)
     prepare_out_dir(out)
@@ -238,11 +257,20 @@ def run_batch(
     if progress is not None:
         progress.on_start(len(todo) + len(resolved.problems), len(result.skipped))
 
+    # bookkeeping files that could not be written (a full disk): the batch goes on, run_batch raises at the end
+    unwritten: dict[str, str] = {}
+
     def record(outcomes: Sequence[CaseOutcome]) -> None:
+        # messages may quote non-UTF-8 file names: escape them once, here, for the terminal and every file
+        outcomes = [replace(o, message=printable(o.message)) if o.message else o for o in outcomes]
         result.outcomes.extend(outcomes)
-        append_failures(
-            out / FAILURES_FILE, [_failure_record(result.run_id, o) for o in outcomes if o.status == "failed"]
-        )
+        try:
+            append_failures(
+                out / FAILURES_FILE, [_failure_record(result.run_id, o) for o in outcomes if o.status == "failed"]
+            )
+        except OSError as e:
+            unwritten[FAILURES_FILE] = e.strerror or str(e)
+            logger.error("cannot append to %s (%s)", display_path(out / FAILURES_FILE), unwritten[FAILURES_FILE])
         for o in outcomes:
             if progress is not None:
                 progress.on_case(o)
@@ -252,18 +280,20 @@ def run_batch(
                 logger.info("%s done in %.2f s%s", o.case, o.seconds, " (flagged)" if o.flagged else "")
 
     record([_problem_outcome(p) for p in resolved.problems])
-    batch = Batch(
-        todo,
-        out,
-        model,
-        run_id=result.run_id,
-        tta=tta,
-        preview=preview,
-        low_confidence=low_confidence,
-        floor=confidence_floor,
-        prefetch=prefetch,
-        readers=readers,
-        writers=writers,
+    options: dict[str, Any] = {
+        "run_id": result.run_id,
+        "tta": tta,
+        "preview": preview,
+        "low_confidence": low_confidence,
+        "floor": confidence_floor,
+        "prefetch": prefetch,
+        "readers": readers,
+        "writers": writers,
+        "max_voxels": max_voxels,
+    }
+    # several devices: each worker process of the pool runs a Batch with these options (see multidevice)
+    batch: Batch | DeviceBatch = (
+        model.batch(todo, out, **options) if isinstance(model, DevicePool) else Batch(todo, out, model, **options)
     )
     signals: list[str] = []
 
@@ -278,7 +308,7 @@ def run_batch(
 
     with _signals(on_signal):
         try:
-            drive(batch, record)
+            batch.run(record)
         except KeyboardInterrupt:  # a second signal during an inference, or Ctrl-C outside our handlers
             batch.abort.set()
             if not signals:
@@ -287,10 +317,19 @@ def run_batch(
             # the summary is written under our handlers too: a late signal cannot cut it short
             result.interrupted = bool(signals)
             result.seconds = time.perf_counter() - start
-            reports = load_reports(out)
-            result.flagged = apply_batch_flags(out, reports, floor=confidence_floor)
-            failures = {c: f for c, f in read_failures(out / FAILURES_FILE).items() if c not in reports}
-            write_summary(out / SUMMARY_FILE, reports, failures)
+            try:
+                reports = load_reports(out)
+                result.flagged = apply_batch_flags(out, reports, floor=confidence_floor)
+                failures = {c: f for c, f in read_failures(out / FAILURES_FILE).items() if c not in reports}
+                write_summary(out / SUMMARY_FILE, reports, failures)
+            except OSError as e:
+                unwritten[SUMMARY_FILE] = e.strerror or str(e)
+                logger.error("cannot write %s (%s)", display_path(out / SUMMARY_FILE), unwritten[SUMMARY_FILE])
     if result.interrupted:
         raise BatchInterrupted(result, signals[0])
+    if unwritten:
+        files = "; ".join(f"{name} ({why})" for name, why in unwritten.items())
+        raise OutputDirError(
+            f"{display_path(out)}: cannot write {files}; the cases reported ok are complete, re-run to redo the others"
+        )
     return result

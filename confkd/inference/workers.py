@@ -28,8 +28,8 @@ import numpy as np
 
 from confkd.errors import ConfKDError
 from confkd.inference.inputs import CaseInput, display_path
-from confkd.inference.outputs import output_names, write_case_images
-from confkd.inference.report import build_report, write_report
+from confkd.inference.outputs import write_case_images, write_case_report
+from confkd.inference.report import build_report
 
 if TYPE_CHECKING:
     from confkd.data.volume import Volume
@@ -113,11 +113,17 @@ class Batch:
         prefetch: int,
         readers: int,
         writers: int,
+        claim: Callable[[], int] | None = None,
+        max_voxels: int | None = None,
     ) -> None:
+        """``claim``: returns the index of the next case to take (past the end: none left); the default counts
+        within this batch, :mod:`confkd.inference.multidevice` passes a counter shared by several processes.
+        ``max_voxels``: the memory guard of the reader and of the network grid (``None``: no limit)."""
         from confkd.inference import engine  # lazy: torch
 
         self.engine = engine
         self.cases = list(cases)
+        self.max_voxels = max_voxels
         self.out_dir = out_dir
         self.model = model
         self.run_id = run_id
@@ -133,6 +139,7 @@ class Batch:
         self.inferring = False  # read by the signal handler: only an inference is cut short by a second signal
         self._next = 0
         self._lock = threading.Lock()
+        self._claim = claim if claim is not None else self._claim_next
         self.model_info = {
             "backend": str(getattr(model.runner, "name", "unknown")),
             "device": str(getattr(model.runner, "device", "unknown")),
@@ -151,12 +158,20 @@ class Batch:
                 continue
         return False
 
+    def _claim_next(self) -> int:
+        self._next += 1
+        return self._next - 1
+
     def _take(self) -> CaseInput | None:
         with self._lock:
-            if self.stop.is_set() or self._next >= len(self.cases):
+            if self.stop.is_set():
                 return None
-            self._next += 1
-            return self.cases[self._next - 1]
+            index = self._claim()
+            return self.cases[index] if index < len(self.cases) else None
+
+    def run(self, record: Callable[[Sequence[CaseOutcome]], None]) -> None:
+        """Process the batch in this process: :func:`drive`."""
+        drive(self, record)
 
     def reader(self) -> None:
         from confkd.data.volume import read_volume
@@ -166,10 +181,11 @@ class Batch:
                 stage = "read"
                 try:
                     t0 = time.perf_counter()
-                    volume = read_volume(case.path)
+                    volume = read_volume(case.path, max_voxels=self.max_voxels)
                     t1 = time.perf_counter()
                     stage = "preprocess"
-                    prepared = self.engine.prepare(volume, self.model)  # a 4D volume frame by frame
+                    # a 4D volume frame by frame
+                    prepared = self.engine.prepare(volume, self.model, max_voxels=self.max_voxels)
                     t2 = time.perf_counter()
                 except Exception as e:
                     self.done_q.put(failure(case.case, display_path(case.path), stage, e))
@@ -224,7 +240,7 @@ class Batch:
             tta=self.tta,
             floor=self.floor,
         )
-        write_report(self.out_dir / output_names(item.case)["report"], report)  # last: the case is complete
+        write_case_report(self.out_dir, item.case, report, images)  # last: the case is complete
         return CaseOutcome(
             item.case.case,
             display_path(item.case.path),

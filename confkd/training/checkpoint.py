@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import platform
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +166,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
 
 def _reason(error: BaseException) -> str:
     """The informative line of a torch.load error (its first lines are generic advice)."""
+    blocked = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if blocked:  # weights_only met a function or class to call: refused before anything ran
+        # torch's own advice (weights_only=False, add_safe_globals) would run the pickled code: never repeat it
+        return f"it pickles {blocked.group(1)}, refused: a checkpoint may only hold tensors and plain data"
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     specific = [ln for ln in lines if "error:" in ln.lower()]
     text = (specific or lines or [type(error).__name__])[-1 if specific else 0]

@@ -2,8 +2,8 @@
 then resolved against the loaded training set.
 
 A resumed run must ask for the config it was started with, except for :data:`RESUMABLE_CHANGES` (the budget,
-and the logging and validation cadence, which change no result); a null ``preprocess.target_spacing`` or ``train.patch_size``
-means "as resolved by the saved run". Every error names the key and the value that would fix it.
+and the logging and validation cadence, which change no result); a null ``preprocess.target_spacing`` or
+``train.patch_size`` means "as resolved by the saved run". Every error names the key and the value that would fix it.
 """
 
 from __future__ import annotations

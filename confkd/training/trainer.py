@@ -15,6 +15,16 @@ Exact resume: every source of randomness is a generator whose state is checkpoin
 augmentation's generators, torch / NumPy / Python global states, per rank), and so are the model, optimiser,
 scheduler, grad scaler, step and best metric; on the CPU a resumed run reproduces the uninterrupted one bit for bit.
 
+Interruption: SIGINT / SIGTERM set a flag; the loop stops at the next step boundary, writes ``checkpoint_last.pt``
+(the full resume state, without validating: a validation that was due runs first thing after ``--resume``) and
+raises :class:`TrainingInterrupted`, a ``KeyboardInterrupt`` (the CLI exits 130). The loss terms accumulated since
+the last log line are part of the resume state, so the logged trajectory of an interrupted and resumed run is that
+of an uninterrupted one. Under ``torchrun`` the ranks must stop at the same step: the flag is summed across ranks
+with the loss means, so it is only looked at every ``train.log_every`` steps, and every rank stops there when any
+rank was signalled. A second signal abandons the step in progress (one process; the last checkpoint stays) or is
+ignored (several: the launcher forwards the terminal's signal, so each rank sees two; its kill timeout is the hard
+stop). A signal the process was told to ignore (``nohup``) stays ignored.
+
 Distributed (``torchrun``): one process per device, DDP with ``find_unused_parameters=False`` (the decoder
 branches the objective cannot reach are frozen instead, see :mod:`confkd.training.optimization`);
 ``train.sync_batchnorm`` turns BatchNorm into SyncBatchNorm (CUDA only). Each rank draws its own items (generator
@@ -28,10 +38,14 @@ import gc
 import logging
 import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,6 +88,7 @@ __all__ = [
     "RunDirectoryError",
     "TrainCallback",
     "TrainResult",
+    "TrainingInterrupted",
     "config_differences",
     "lr_factor",
     "resolve_amp",
@@ -107,6 +122,58 @@ class TrainResult:
     images_per_s: float
 
 
+class TrainingInterrupted(KeyboardInterrupt):  # a KeyboardInterrupt: callers that catch that keep working
+    """SIGINT / SIGTERM stopped the run at ``step``; ``checkpoint`` (``checkpoint_last.pt``) resumes it exactly."""
+
+    def __init__(self, step: int, checkpoint: Path, signal_name: str) -> None:
+        super().__init__(f"training interrupted by {signal_name} at step {step}")
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+
+
+class _StopFlag:
+    """Set by the first SIGINT / SIGTERM while :meth:`installed`; see the module docstring for repeated signals."""
+
+    def __init__(self, *, repeats_abort: bool) -> None:
+        self.signal_name: str | None = None
+        self._repeats_abort = repeats_abort
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            logger.warning("%s: stopping at the next step boundary (checkpoint_last.pt is written)", self.signal_name)
+        elif self._repeats_abort:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        """Route SIGINT and SIGTERM here (main thread only; ignored signals stay ignored), then restore them."""
+        wanted = [signal.SIGINT, *([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])]
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.getsignal(sig) for sig in wanted}
+            previous = {sig: old for sig, old in previous.items() if old is not signal.SIG_IGN}
+        for sig in previous:
+            signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _log_state(sums: Mapping[str, Tensor], count: int) -> dict[str, Any]:
+    """The loss sums of the steps since the last log line, for a checkpoint (on the CPU: another rank unpickles it).
+
+    Resuming adds the next steps to exactly these float32 sums, so the next logged means are bit for bit those of an
+    uninterrupted run.
+    """
+    return {"sums": {k: v.detach().cpu() for k, v in sums.items()}, "count": count}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 (seed the legacy global state third-party code uses)
@@ -132,8 +199,8 @@ def train(
         run_dir: created if missing; must be empty unless ``resume``.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         resume: continue from ``run_dir/checkpoint_last.pt``; the config must equal the saved one except for
-            ``train.iterations`` / ``train.epochs`` / ``train.log_every`` / ``train.val_every`` (null target spacing / patch size take
-            the saved values).
+            ``train.iterations`` / ``train.epochs`` / ``train.log_every`` / ``train.val_every`` (null target spacing
+            / patch size take the saved values).
         callback: progress hooks (rank 0).
         log_every: when given, replaces ``train.log_every`` (and is saved as such in the resolved config).
 
@@ -144,6 +211,7 @@ def train(
     Raises:
         ConfigError, DatasetError, DeviceError, RunDirectoryError, CheckpointError: bad input; nothing is
         written before the inputs are checked.
+        TrainingInterrupted: SIGINT / SIGTERM during the loop; ``checkpoint_last.pt`` holds the step it stopped at.
     """
     if log_every is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, log_every=log_every))
@@ -164,7 +232,11 @@ def train(
         if info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             log.to_file(run_dir / "train.log")
-        result = run.run()
+        try:
+            result = run.run()
+        except TrainingInterrupted:
+            failed = False  # every rank agreed to stop here: leave the process group in step
+            raise
         failed = False
         return result
     finally:
@@ -247,6 +319,9 @@ class _Run:
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp == torch.float16)
         self.step = 0
         self.best: float | None = None
+        # the loss sums since the last log line and a validation skipped by an interruption (see _resume_log)
+        self.resumed_log: Mapping[str, Any] | None = None
+        self.validation_due = False
         torch.manual_seed(sampler_seed(cfg.train.seed, info.rank, 2))  # dropout: a different stream per rank
         if self.resume_ckpt is not None:
             model.load_state_dict(self.resume_ckpt["model"])
@@ -260,6 +335,10 @@ class _Run:
                 rank=info.rank,
                 world_size=info.world_size,
             )
+            saved = self.resume_ckpt["train"]
+            if len(saved["ranks"]) == info.world_size:  # else the random streams restart too (a warning said so)
+                self.resumed_log = saved["ranks"][info.rank].get("log")
+            self.validation_due = bool(saved.get("validation_due", False))
             logger.info("resumed from %s at step %d", self.last_path, self.step)
         self.ddp_model = ddp.wrap_model(model, info, dev, sync_batchnorm=cfg.train.sync_batchnorm)
         # the module validation and checkpoints use: ``model`` itself (its BatchNorm layers converted, if asked)
@@ -283,6 +362,7 @@ class _Run:
         cfg, info = self.config, self.info
         resumed = self.resume_ckpt is not None
         self.records: RunRecords | None = None
+        self._logged = False
         if info.is_main:
             write_run_files(self.run_dir, cfg, self.manifest, resumed=resumed)
             self.records = RunRecords(self.run_dir, resumed_at=self.step if resumed else None)
@@ -301,33 +381,54 @@ class _Run:
             self.device,
             self.amp,
         )
-        sums: dict[str, Tensor] = {}
-        count, images, seconds, run_images, run_seconds = 0, 0, 0.0, 0, 0.0
+        sums, count = self._resume_log()
+        images, seconds, run_images, run_seconds = 0, 0.0, 0, 0.0
+        stop = _StopFlag(repeats_abort=not info.enabled)
+        interrupted = False
         tic = time.perf_counter()
         try:
-            while self.step < self.total:
-                terms = self._step()
-                for key, value in terms.items():
-                    sums[key] = sums[key] + value if key in sums else value.clone()
-                count += 1
-                images += self.global_batch
-                self.step += 1
-                last = self.step == self.total
-                if self.step % cfg.train.log_every == 0 or last:
-                    keys = list(sums)  # the same terms, in the same order, on every rank
-                    stacked = ddp.mean_across_ranks(info, torch.stack([sums[k] for k in keys]).float() / count)
-                    means = dict(zip(keys, stacked.tolist(), strict=True))  # sync point
-                    seconds = time.perf_counter() - tic
-                    rate = images / seconds if seconds > 0 else 0.0
-                    run_images, run_seconds = run_images + images, run_seconds + seconds
-                    self._log_step(means, rate)
-                    sums, count, images, tic = {}, 0, 0, time.perf_counter()
-                if self.step % cfg.train.val_every == 0 or last:
-                    self._validate_and_save(final=last)
-                    tic = time.perf_counter()  # validation is not training throughput
+            if self.validation_due:  # the interrupted run stopped where a validation was due: it comes first
+                self._validate_and_save(final=self.step >= self.total, log=_log_state(sums, count))
+            with stop.installed():
+                while self.step < self.total:
+                    terms = self._step()
+                    for key, value in terms.items():
+                        sums[key] = sums[key] + value if key in sums else value.clone()
+                    count += 1
+                    images += self.global_batch
+                    self.step += 1
+                    last = self.step == self.total
+                    stopping = False
+                    if self.step % cfg.train.log_every == 0 or last:
+                        keys = list(sums)  # the same terms, in the same order, on every rank
+                        local = torch.stack([sums[k] for k in keys]).float() / count
+                        if info.enabled:  # the stop flags travel with the means: any rank's signal stops all
+                            local = torch.cat([local, local.new_tensor([float(stop.requested)])])
+                        stacked = ddp.mean_across_ranks(info, local)
+                        if info.enabled:
+                            stopping, stacked = bool(stacked[-1] > 0), stacked[:-1]
+                        means = dict(zip(keys, stacked.tolist(), strict=True))  # sync point
+                        seconds = time.perf_counter() - tic
+                        rate = images / seconds if seconds > 0 else 0.0
+                        run_images, run_seconds = run_images + images, run_seconds + seconds
+                        self._log_step(means, rate)
+                        sums, count, images, tic = {}, 0, 0, time.perf_counter()
+                    if not info.enabled:  # one process stops at any step boundary; ranks only where they meet, above
+                        stopping = stop.requested
+                    validate = self.step % cfg.train.val_every == 0 or last
+                    if stopping and not last:  # the last step finishes the run anyway
+                        self._save_last(log=_log_state(sums, count), validation_due=validate)
+                        interrupted = True
+                        break
+                    if validate:
+                        self._validate_and_save(final=last, log=_log_state(sums, count))
+                        tic = time.perf_counter()  # validation is not training throughput
         finally:
             if self.records is not None:
                 self.records.close()  # also when interrupted: the records up to here stay readable
+        if interrupted:
+            logger.warning("stopped at step %d by %s; %s resumes the run", self.step, stop.signal_name, self.last_path)
+            raise TrainingInterrupted(self.step, self.last_path, stop.signal_name or "a signal to another rank")
         ddp.broadcast_buffers(info, self.model)
         # release DDP's reducer (it holds the process group and its threads) before the group is destroyed
         self.ddp_model = self.model
@@ -365,17 +466,49 @@ class _Run:
             return
         lr = self.optimizer.param_groups[0]["lr"]
         world = self.info.world_size
+        first = not self._logged
+        self._logged = True
         self.records.train_step(
             self.step, epoch=self._epoch(), lr=lr, losses=terms, images_per_s=rate, world_size=world
         )
+        if first:  # at once: the run is visibly alive (metrics.jsonl is otherwise rewritten every few seconds)
+            self.records.flush()
         text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
         logger.info("step %d/%d  %s  lr %.3g  %.1f img/s", self.step, self.total, text, lr, rate)
         if self.callback is not None:
             self.callback.on_step(self.step, self.total, terms, rate)
 
-    def _validate_and_save(self, *, final: bool) -> None:
+    def _resume_log(self) -> tuple[dict[str, Tensor], int]:
+        """The loss sums and step count since the last log line, as the checkpoint resumed from left them."""
+        log = self.resumed_log or {"sums": {}, "count": 0}
+        return {k: v.to(self.device) for k, v in log["sums"].items()}, int(log["count"])
+
+    def _rank_states(self, log: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's random streams and pending loss sums, indexed by rank (collective: every rank calls it)."""
+        return ddp.all_gather_objects(self.info, {**rank_state(self.sampler, self.augment_generator), "log": log})
+
+    def _train_state(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        return train_state(
+            step=self.step,
+            best_metric=self.best,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            ranks=ranks,
+        )
+
+    def _save_last(self, *, log: Mapping[str, Any], validation_due: bool) -> None:
+        """``checkpoint_last.pt`` at this step without validating (an interruption); collective."""
+        ranks = self._rank_states(log)
+        if self.records is not None:  # rank 0
+            state = {**self._train_state(ranks), "validation_due": validation_due}
+            save_checkpoint(self._checkpoint(state), self.last_path)
+            self.records.flush()
+        ddp.barrier(self.info)
+
+    def _validate_and_save(self, *, final: bool, log: Mapping[str, Any]) -> None:
         # collective: every rank takes part
-        ranks = ddp.all_gather_objects(self.info, rank_state(self.sampler, self.augment_generator))
+        ranks = self._rank_states(log)
         if self.records is not None:  # rank 0
             metrics = None
             if self.val_cases:
@@ -386,15 +519,7 @@ class _Run:
             improved = score is not None and (self.best is None or score > self.best)
             if improved:
                 self.best = score
-            state = train_state(
-                step=self.step,
-                best_metric=self.best,
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                scaler=self.scaler,
-                ranks=ranks,
-            )
-            save_checkpoint(self._checkpoint(state), self.last_path)
+            save_checkpoint(self._checkpoint(self._train_state(ranks)), self.last_path)
             if improved or (final and not self.val_cases):
                 save_checkpoint(self._checkpoint(None), self.best_path)
             if metrics is not None:

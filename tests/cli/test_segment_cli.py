@@ -140,7 +140,10 @@ def test_shards_through_the_cli_cover_the_batch_once(tmp_path: Path, checkpoint:
     assert len(summary) == 1 + 7  # the last shard's summary covers the other shards' cases too
 
 
-def test_interrupt_leaves_only_complete_outputs_and_a_rerun_finishes(tmp_path: Path, checkpoint: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_leaves_only_complete_outputs_and_a_rerun_finishes(
+    tmp_path: Path, checkpoint: Path, signum: signal.Signals
+) -> None:
     scans = [save_phantom(tmp_path / "scans" / f"c{i}_0000.nii.gz", 700 + i) for i in range(6)]
     out = tmp_path / "out"
     # the real CLI in a subprocess, with inference slowed down so that the signal lands mid-batch
@@ -162,10 +165,10 @@ def test_interrupt_leaves_only_complete_outputs_and_a_rerun_finishes(tmp_path: P
         assert proc.poll() is None, proc.communicate()[0].decode()
         assert time.monotonic() < deadline, "the first case never completed"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 130, output
-    assert "interrupted (SIGINT)" in output and "Traceback" not in output
+    assert f"interrupted ({signum.name})" in output and "Traceback" not in output
 
     done = sorted(p.stem for p in out.glob("c*.json"))
     assert 1 <= len(done) < 6, output

@@ -406,9 +406,9 @@ def test_read_ahead_is_bounded(tmp_path: Path, model: LoadedModel, monkeypatch: 
     ahead: list[int] = []
     real_prepare, real_infer = engine.prepare, engine.infer
 
-    def counting_prepare(volume: Any, m: LoadedModel) -> engine.PreparedVolume:
+    def counting_prepare(volume: Any, m: LoadedModel, **kw: Any) -> engine.PreparedVolume:
         prepared.append(str(volume.path))
-        return real_prepare(volume, m)
+        return real_prepare(volume, m, **kw)
 
     def slow_infer(p: engine.PreparedVolume, m: LoadedModel, **kw: Any) -> engine.SegmentationResult:
         import time
