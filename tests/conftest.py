@@ -32,6 +32,24 @@ def hippocampus_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint with fixed random weights (width 4, depth 2, 4 classes, 1.5 mm): for tests of the CLI and the
+    batch machinery, whose behaviour does not depend on the model's quality. Modules that need trained weights
+    define their own ``checkpoint``."""
+    from confkd.config import config_from_dict
+    from confkd.training.checkpoint import save_untrained_checkpoint
+
+    cfg = config_from_dict(
+        {
+            "model": {"width": 4, "depth": 2, "num_classes": 4},
+            "preprocess": {"target_spacing": [1.5, 1.5], "pad_multiple": 8},
+        }
+    )
+    path = tmp_path_factory.mktemp("model") / "random.pt"
+    return save_untrained_checkpoint(cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

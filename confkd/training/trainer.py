@@ -38,14 +38,10 @@ import gc
 import logging
 import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,6 +65,7 @@ from confkd.training.checkpoint import (
 )
 from confkd.training.data import MixedBatchSampler, TrainingSet, sampler_seed
 from confkd.training.distributed import resolve_amp, resolve_device
+from confkd.training.interrupt import StopFlag, TrainingInterrupted
 from confkd.training.losses import confkd_objective
 from confkd.training.network import create_model
 from confkd.training.optimization import build_optimizer, freeze_unreachable_branches, lr_factor, total_steps
@@ -120,49 +117,6 @@ class TrainResult:
     best_metric: float | None
     steps: int
     images_per_s: float
-
-
-class TrainingInterrupted(KeyboardInterrupt):  # a KeyboardInterrupt: callers that catch that keep working
-    """SIGINT / SIGTERM stopped the run at ``step``; ``checkpoint`` (``checkpoint_last.pt``) resumes it exactly."""
-
-    def __init__(self, step: int, checkpoint: Path, signal_name: str) -> None:
-        super().__init__(f"training interrupted by {signal_name} at step {step}")
-        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
-
-
-class _StopFlag:
-    """Set by the first SIGINT / SIGTERM while :meth:`installed`; see the module docstring for repeated signals."""
-
-    def __init__(self, *, repeats_abort: bool) -> None:
-        self.signal_name: str | None = None
-        self._repeats_abort = repeats_abort
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            logger.warning("%s: stopping at the next step boundary (checkpoint_last.pt is written)", self.signal_name)
-        elif self._repeats_abort:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        """Route SIGINT and SIGTERM here (main thread only; ignored signals stay ignored), then restore them."""
-        wanted = [signal.SIGINT, *([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])]
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.getsignal(sig) for sig in wanted}
-            previous = {sig: old for sig, old in previous.items() if old is not signal.SIG_IGN}
-        for sig in previous:
-            signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def _log_state(sums: Mapping[str, Tensor], count: int) -> dict[str, Any]:
@@ -383,7 +337,7 @@ class _Run:
         )
         sums, count = self._resume_log()
         images, seconds, run_images, run_seconds = 0, 0.0, 0, 0.0
-        stop = _StopFlag(repeats_abort=not info.enabled)
+        stop = StopFlag(repeats_abort=not info.enabled)
         interrupted = False
         tic = time.perf_counter()
         try:

@@ -16,26 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 from confkd.cli.main import app
-from confkd.config import config_from_dict
 from confkd.data.phantoms import make_phantom
 from confkd.data.volume import read_volume
-from confkd.training.checkpoint import save_untrained_checkpoint
 
 runner = CliRunner()
 NO_MODEL = "no --model given and this installation has no bundled default model: pass a checkpoint or model folder"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fixed random weights (width 4, depth 2): the CLI's behaviour does not depend on the model's quality."""
-    cfg = config_from_dict(
-        {
-            "model": {"width": 4, "depth": 2, "num_classes": 4},
-            "preprocess": {"target_spacing": [1.5, 1.5], "pad_multiple": 8},
-        }
-    )
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    return save_untrained_checkpoint(cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4)
 
 
 def save_phantom(path: Path, seed: int) -> Path:

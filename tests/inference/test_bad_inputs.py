@@ -29,12 +29,10 @@ from typer.testing import CliRunner
 from confkd import io_utils
 from confkd.cli import segment_commands
 from confkd.cli.main import app
-from confkd.config import config_from_dict
 from confkd.data.phantoms import make_phantom
 from confkd.data.volume import DEFAULT_MAX_VOXELS
 from confkd.inference import outputs
 from confkd.inference.inputs import display_path
-from confkd.training.checkpoint import save_untrained_checkpoint
 
 SHAPE = (48, 48, 4)
 # NIfTI-1 header byte offsets (nifti1.h)
@@ -205,19 +203,6 @@ def full_disk(mp: pytest.MonkeyPatch, full: Callable[[str], bool]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the batch
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Fixed random weights (as tests/cli/test_segment_cli.py): the handling of inputs does not depend on them."""
-    cfg = config_from_dict(
-        {
-            "model": {"width": 4, "depth": 2, "num_classes": 4},
-            "preprocess": {"target_spacing": [1.5, 1.5], "pad_multiple": 8},
-        }
-    )
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    return save_untrained_checkpoint(cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4)
 
 
 @dataclass

@@ -22,27 +22,13 @@ import pytest
 from typer.testing import CliRunner
 
 from confkd.cli.main import app
-from confkd.config import config_from_dict
 from confkd.data.phantoms import make_phantom
 from confkd.errors import ConfigError
 from confkd.inference.multidevice import parse_devices
-from confkd.training.checkpoint import save_untrained_checkpoint
 
 runner = CliRunner()
 RUN_COLUMNS = ("seconds", "run_id")
 RUN_KEYS = ("timings_s", "run_id", "created")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = config_from_dict(
-        {
-            "model": {"width": 4, "depth": 2, "num_classes": 4},
-            "preprocess": {"target_spacing": [1.5, 1.5], "pad_multiple": 8},
-        }
-    )
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    return save_untrained_checkpoint(cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4)
 
 
 def write_scans(folder: Path, n: int, *, corrupt: bool = True) -> Path:
