@@ -147,7 +147,12 @@ def segment(
     ] = None,
     model: Annotated[
         Path | None,
-        typer.Option("--model", "-m", help="A training checkpoint (.pt) or a `confkd export` model directory."),
+        typer.Option(
+            "--model",
+            "-m",
+            help="A training checkpoint (.pt) or a `confkd export` model directory "
+            "(default: the bundled cine-MRI model, ACDC-trained, research use only).",
+        ),
     ] = None,
     backend: Annotated[Backend, typer.Option(help="Who runs the network.")] = Backend.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

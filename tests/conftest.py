@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     path = tmp_path_factory.mktemp("model") / "random.pt"
     return save_untrained_checkpoint(cfg, path, label_names=("background", "RV", "MYO", "LV"), ignore_index=4)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A test run started in the background by a non-interactive shell (`pytest &`, some CI runners) inherits SIGINT
+    # *ignored*, and confkd deliberately keeps an ignored SIGINT ignored (nohup). The interruption tests are about a
+    # terminal's Ctrl-C, so give this process (and, through exec, its subprocesses) the default disposition;
+    # tests of the ignored case set it themselves.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
