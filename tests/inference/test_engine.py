@@ -30,6 +30,7 @@ from confkd.inference.engine import (
     SegmentationResult,
     argmax_lowest,
     infer,
+    labels_and_confidence,
     network_probabilities,
     prepare,
     segment_volume,
@@ -422,6 +423,21 @@ def test_argmax_ties_go_to_the_lowest_class() -> None:
     probs = probs.T.reshape(1, K, 2, 2)
     assert argmax_lowest(probs).tolist() == [[[1, 0], [2, 0]]]
     assert argmax_lowest(probs, torch.int16).dtype == torch.int16
+
+
+def test_labels_and_confidence_equal_the_separate_passes() -> None:
+    from confkd.training.losses import confidence_from_probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(3, 4, 17, 9, generator=gen), dim=1)
+    probs[0, :, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])[:, None]  # one-hot: confidence 1, 0 log 0 = 0
+    probs[1, :, 0] = 0.25  # uniform: confidence 0, every class tied: label 0
+    probs[2, :, 0] = torch.tensor([0.1, 0.45, 0.45, 0.0])[:, None]  # tie between 1 and 2: the lower wins
+    labels, conf = labels_and_confidence(probs)
+    assert torch.equal(labels, argmax_lowest(probs))
+    assert torch.allclose(conf, confidence_from_probabilities(probs, class_dim=1), atol=1e-6)
+    assert conf[0, 0].eq(1).all() and conf[1, 0].abs().max() < 1e-6 and labels[2, 0].eq(1).all()
+    assert labels_and_confidence(probs, torch.int16)[0].dtype == torch.int16
 
 
 @pytest.mark.gpu
