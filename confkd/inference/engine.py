@@ -54,9 +54,9 @@ __all__ = [
     "PreparedVolume",
     "SegmentationResult",
     "argmax_lowest",
-    "labels_and_confidence",
     "group_slices",
     "infer",
+    "labels_and_confidence",
     "prepare",
     "segment_volume",
 ]
