@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +93,8 @@ def train(
         hint = _resume_hint(dataset, out, device) if last.is_file() else "no checkpoint yet: nothing to resume"
         err_console.print(f"interrupted: {hint}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 validates and reports
+        return
     best = (
         "no validation split" if result.best_metric is None else f"best student mean val Dice {result.best_metric:.4f}"
     )
