@@ -19,17 +19,19 @@ has the effective spacing ``n s / n'`` (recorded as ``network_spacing``; close t
 back with ``size=n`` puts every voxel centre where it came from, so the inverse is exact in shape and geometry.
 ``align_corners=True`` (keep the outer voxel *centres*) would be invertible too, but its effective spacing
 ``(n - 1) s / (n' - 1)`` strays further from the target on small images, and nnU-Net / scikit-image use edges.
+
+The parts: this module holds the forward path (:func:`preprocess`, :func:`preprocess_state`,
+:func:`preprocess_slices`, :func:`preprocess_label`) and re-exports the rest, so that all the names above import from
+here; :mod:`confkd.data.preprocess_geometry` holds :class:`PreprocessState` and the geometry rules (slice axis,
+median spacing, sizes, padding), :mod:`confkd.data.preprocess_inverse` the way back (:func:`invert`,
+:func:`invert_chunks`, :func:`invert_labels`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,7 +39,19 @@ import torch.nn.functional as F
 
 from confkd.config import PreprocessConfig
 from confkd.data.intensity import compute_intensity_params, normalise_
-from confkd.errors import ConfigError, DatasetError, GeometryError, UnsupportedImageError
+from confkd.data.preprocess_geometry import (
+    PreprocessState,
+    _axis_order,
+    _check_spacing,
+    _new_size,
+    _padding,
+    _resolve_target,
+    _spatial_dims,
+    median_spacing,
+    select_slice_axis,
+)
+from confkd.data.preprocess_inverse import _fresh, _nearest, invert, invert_chunks, invert_labels
+from confkd.errors import GeometryError, UnsupportedImageError
 
 __all__ = [
     "PreprocessState",
@@ -57,126 +71,6 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 DeviceLike = str | torch.device | None
-
-# Spacings come from float32 headers: 1.0 and 0.99999994 are the same spacing when looking for ties.
-_TIE_RTOL = 1e-5
-
-
-@dataclass(frozen=True)
-class PreprocessState:
-    """What :func:`invert` needs to map network outputs of one volume back to its input grid.
-
-    ``original_*`` are in the input's axis order ``[i, j, k]``. Everything else is in *network axis order*: the
-    slice axis first, then the other two in their original order. ``native_shape``, ``resampled_shape``,
-    ``padding`` and ``network_spacing`` cover the resampled axes only: ``(H, W)`` in 2D, ``(D, H, W)`` in 3D.
-    Intensities were mapped as ``(clip(x, clip_lo, clip_hi) - offset) / scale``; padding holds ``pad_value``.
-    """
-
-    spatial_dims: int
-    original_shape: tuple[int, ...]
-    original_spacing: tuple[float, ...]
-    slice_axis: int
-    native_shape: tuple[int, ...]
-    resampled_shape: tuple[int, ...]
-    padding: tuple[tuple[int, int], ...]
-    network_spacing: tuple[float, ...]
-    clip_lo: float
-    clip_hi: float
-    offset: float
-    scale: float
-    pad_value: float
-
-    def __post_init__(self) -> None:
-        nd = self.spatial_dims
-        ok = (
-            nd in (2, 3)
-            and len(self.original_shape) == 3
-            and len(self.original_spacing) == 3
-            and 0 <= self.slice_axis <= 2
-            and len(self.native_shape) == len(self.resampled_shape) == len(self.padding) == nd
-            and tuple(self.original_shape[a] for a in self.axis_order)[-nd:] == self.native_shape
-        )
-        if not ok:
-            raise GeometryError(f"inconsistent PreprocessState {self}; it was not made by confkd.preprocess")
-
-    @property
-    def axis_order(self) -> tuple[int, ...]:
-        """Original axes in network order: ``array.transpose(axis_order)`` puts the slice axis first."""
-        return _axis_order(self.slice_axis)
-
-    @property
-    def network_shape(self) -> tuple[int, ...]:
-        """Spatial shape of the network tensor: ``(S, H', W')`` in 2D, ``(D', H', W')`` in 3D."""
-        padded = tuple(n + b + a for n, (b, a) in zip(self.resampled_shape, self.padding, strict=True))
-        return (self.original_shape[self.slice_axis], *padded) if self.spatial_dims == 2 else padded
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessState:
-        """Rebuild a state from :meth:`to_dict` output (lists or tuples)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown, missing = sorted(set(d) - set(names)), [n for n in names if n not in d]
-        if unknown or missing:
-            raise ConfigError(
-                f"preprocess state: unknown keys {unknown}, missing keys {missing}; valid keys: {', '.join(names)}"
-            )
-        return cls(**{k: _tuples(v) for k, v in d.items()})
-
-
-def _lists(v: Any) -> Any:
-    return [_lists(x) for x in v] if isinstance(v, list | tuple) else v
-
-
-def _tuples(v: Any) -> Any:
-    return tuple(_tuples(x) for x in v) if isinstance(v, list | tuple) else v
-
-
-def _axis_order(slice_axis: int) -> tuple[int, ...]:
-    return (slice_axis, *(a for a in range(3) if a != slice_axis))
-
-
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
-    sp = tuple(float(s) for s in spacing)
-    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise GeometryError(f"spacing {tuple(spacing)} must be 3 positive finite numbers (mm along i, j, k)")
-    return sp
-
-
-def select_slice_axis(spacing: Sequence[float], cfg: PreprocessConfig) -> int:
-    """``cfg.slice_axis`` if set, else the lowest-resolution (largest-spacing) axis; ties go to the last one.
-
-    Isotropic data is therefore sliced along k. Spacings within a relative 1e-5 count as tied.
-    """
-    sp = _check_spacing(spacing)
-    if cfg.slice_axis is not None:  # PreprocessConfig has checked it is 0, 1 or 2
-        return int(cfg.slice_axis)
-    largest = max(sp)
-    return max(a for a, s in enumerate(sp) if math.isclose(s, largest, rel_tol=_TIE_RTOL))
-
-
-def median_spacing(spacings: Sequence[Sequence[float]], cfg: PreprocessConfig) -> tuple[float, ...]:
-    """The dataset-median target spacing: in-plane ``(sh, sw)`` in 2D, ``(sd, sh, sw)`` in 3D.
-
-    Each case's spacing is first put in network axis order (its slice axis first, by :func:`select_slice_axis`),
-    so that volumes stored with different axis orders agree.
-    """
-    if len(spacings) == 0:
-        raise DatasetError("median_spacing: no spacings given; the dataset has no cases")
-    ordered = []
-    for spacing in spacings:
-        sp = _check_spacing(spacing)
-        ordered.append([sp[a] for a in _axis_order(select_slice_axis(sp, cfg))])
-    med = np.median(np.asarray(ordered, dtype=np.float64), axis=0)
-    return tuple(float(v) for v in med[-_spatial_dims(cfg) :])
-
-
-def _spatial_dims(cfg: PreprocessConfig) -> int:
-    if cfg.spatial_dims not in (2, 3):
-        raise ConfigError(f"preprocess.spatial_dims={cfg.spatial_dims!r} must be 2 or 3")
-    return int(cfg.spatial_dims)
 
 
 def _volume(array: ArrayLike, what: str = "volume") -> ArrayLike:
@@ -207,24 +101,6 @@ def _tensor(array: ArrayLike) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only memory-mapped images: we only ever read from the view
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(a)
-
-
-def _resolve_target(cfg: PreprocessConfig, nd: int, target_spacing: Sequence[float] | None) -> tuple[float, ...] | None:
-    target = target_spacing if target_spacing is not None else cfg.target_spacing
-    if target is None:
-        return None
-    t = tuple(float(s) for s in target)
-    if len(t) != nd or not all(math.isfinite(s) and s > 0 for s in t):
-        raise ConfigError(
-            f"target spacing {tuple(target)} must be {nd} positive numbers in mm for spatial_dims={nd} "
-            f"({'in-plane (h, w)' if nd == 2 else '(slice axis, h, w)'}), or null for the native spacing"
-        )
-    return t
-
-
-def _padding(shape: Sequence[int], multiple: int) -> tuple[tuple[int, int], ...]:
-    totals = [-n % multiple for n in shape]
-    return tuple((t // 2, t - t // 2) for t in totals)  # the odd voxel goes on the far side
 
 
 def _pad_arg(padding: Sequence[tuple[int, int]]) -> list[int]:
@@ -362,132 +238,6 @@ def preprocess_slices(
     return x.contiguous()
 
 
-def _new_size(n: int, spacing: float, target: float) -> int:
-    return max(1, math.floor(n * spacing / target + 0.5))  # halves round up, not to even
-
-
-def _nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour resampling of the last ``len(size)`` dims by index gathering (any dtype, exact).
-
-    Output voxel ``o`` takes input voxel ``floor((o + 0.5) * n_in / n_out)``: torch's ``nearest-exact``, the
-    label counterpart of ``align_corners=False``. When no axis shrinks, the way back is the identity.
-    """
-    first = x.ndim - len(size)
-    for d, n_out in enumerate(size):
-        n_in = x.shape[first + d]
-        if n_in != n_out:
-            pos = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out)
-            idx = pos.floor_().long().clamp_(max=n_in - 1).to(x.device)
-            x = x.index_select(first + d, idx)
-    return x
-
-
-def _check_network(t: torch.Tensor, state: PreprocessState, what: str, channels: bool) -> None:
-    spatial = state.network_shape
-    if state.spatial_dims == 2:
-        expected = (spatial[0], "C", *spatial[1:]) if channels else spatial
-    else:
-        expected = (1, "C", *spatial) if channels else (1, *spatial)
-    got = tuple(t.shape)
-    if len(got) != len(expected) or any(e != "C" and e != g for e, g in zip(expected, got, strict=True)):
-        raise GeometryError(
-            f"{what}: expected a tensor of shape [{', '.join(map(str, expected))}] (the network output for "
-            f"this volume), got {list(got)}"
-        )
-
-
-def _crop(t: torch.Tensor, padding: Sequence[tuple[int, int]]) -> torch.Tensor:
-    first = t.ndim - len(padding)
-    for d, (before, after) in enumerate(padding):
-        t = t.narrow(first + d, before, t.shape[first + d] - before - after)
-    return t
-
-
-def _to_original(t: torch.Tensor, state: PreprocessState) -> torch.Tensor:
-    """``[..., *network-order spatial]`` -> ``[..., i, j, k]`` (a view)."""
-    lead = t.ndim - 3
-    back = [state.axis_order.index(a) + lead for a in range(3)]
-    return t.permute(*range(lead), *back)
-
-
-def invert(probabilities: torch.Tensor, state: PreprocessState) -> torch.Tensor:
-    """Map per-class network outputs back to the input grid.
-
-    Crops the padding, resamples back to exactly the native in-plane (2D) / volume (3D) size with
-    ``interpolate(size=...)`` (bilinear / trilinear, ``align_corners=False``) and moves the slice axis back.
-    Probabilities and logits both work (the map is linear). Floating dtypes are kept; others become float32.
-    Memory: the ``C x volume`` result plus one class at a time.
-
-    Shape:
-        ``[S, C, H', W']`` (2D) or ``[1, C, D', H', W']`` (3D) -> contiguous ``[C, i, j, k]``.
-    """
-    _check_network(probabilities, state, "invert", channels=True)
-    p = _crop(probabilities, state.padding)
-    dtype = p.dtype if p.is_floating_point() else torch.float32
-    out = torch.empty((p.shape[1], *state.original_shape), dtype=dtype, device=p.device)
-    # ``out`` seen in network axis order; one class at a time keeps the peak at one C x volume plus one class
-    dst = out.permute(0, *(1 + a for a in state.axis_order))
-    mode = "bilinear" if state.spatial_dims == 2 else "trilinear"
-    for c in range(p.shape[1]):
-        pc = p[:, c : c + 1].to(dtype)  # [S, 1, H, W] or [1, 1, D, H, W]
-        if state.resampled_shape != state.native_shape:
-            pc = F.interpolate(pc, size=state.native_shape, mode=mode, align_corners=False)
-        dst[c].copy_(pc[:, 0] if state.spatial_dims == 2 else pc[0, 0])
-    return out
-
-
-def invert_chunks(
-    probabilities: torch.Tensor, state: PreprocessState, *, max_slices: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """:func:`invert` a few slices at a time, so that no ``C x volume`` copy is ever made on the input grid.
-
-    Yields ``(start, chunk)`` for consecutive chunks along the slice axis (the first network axis):
-    ``chunk`` is float32 ``[n, C, H, W]`` (``n <= max_slices``), the input-grid slices ``start .. start + n - 1``
-    in network axis order, so ``np.transpose(a, state.axis_order)[start : start + n]`` is where slice-shaped
-    results (``[n, H, W]``: an argmax, a confidence) go in an ``[i, j, k]`` array ``a``. Without resampling a
-    chunk may be a view of ``probabilities``: read it, do not modify it.
-
-    2D: each slice is cropped and resampled on its own, exactly as :func:`invert` (same values). 3D: the
-    in-plane part of the trilinear resampling is applied to the source slices a chunk needs, then the linear
-    interpolation across slices (``align_corners=False``, as ``interpolate``), which equals :func:`invert` up to
-    float rounding. Memory: one chunk (plus, in 3D with resampling across slices, its ``n + 1`` source slices).
-
-    Shape:
-        ``[S, C, H', W']`` (2D) or ``[1, C, D', H', W']`` (3D) -> chunks of ``[n, C, *native in-plane]``.
-    """
-    _check_network(probabilities, state, "invert_chunks", channels=True)
-    if max_slices < 1:
-        raise ValueError(f"max_slices must be >= 1, got {max_slices}")
-    p = _crop(probabilities, state.padding)
-    if state.spatial_dims == 3:  # [1, C, D, H, W] -> [D, C, H, W]: slices first, as in 2D
-        p = p[0].transpose(0, 1)
-    size = tuple(state.native_shape[-2:])
-
-    def in_plane(rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.float()
-        if tuple(rows.shape[-2:]) == size:
-            return rows
-        return F.interpolate(rows, size=size, mode="bilinear", align_corners=False)
-
-    n_in = p.shape[0]  # slices in network space; 2D slices are never resampled across
-    n_out = state.native_shape[0] if state.spatial_dims == 3 else n_in
-    for start in range(0, n_out, max_slices):
-        stop = min(start + max_slices, n_out)
-        if n_in == n_out:
-            yield start, in_plane(p[start:stop])
-            continue
-        # interpolate()'s source coordinate for align_corners=False, in float32 as torch computes it
-        scale = torch.tensor(n_in / n_out, dtype=torch.float32)
-        src = ((torch.arange(start, stop, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
-        i0 = src.floor().long()
-        i1 = (i0 + 1).clamp_(max=n_in - 1)
-        lam = (src - i0.float()).to(p.device)[:, None, None, None]
-        first = int(i0[0])
-        rows = in_plane(p[first : int(i1[-1]) + 1])
-        i0, i1 = (i0 - first).to(p.device), (i1 - first).to(p.device)
-        yield start, rows.index_select(0, i0).mul_(1 - lam).add_(rows.index_select(0, i1).mul_(lam))
-
-
 def preprocess_label(
     label: ArrayLike, state: PreprocessState, *, pad_value: int = 0, device: DeviceLike = None
 ) -> torch.Tensor:
@@ -514,20 +264,3 @@ def preprocess_label(
     if any(p for pair in state.padding for p in pair):
         t = F.pad(t, _pad_arg(state.padding), value=pad_value)
     return _fresh((t if state.spatial_dims == 2 else t[None]).contiguous(), src)
-
-
-def invert_labels(labels: torch.Tensor, state: PreprocessState) -> torch.Tensor:
-    """Map an integer label map from network space back to the input grid (nearest neighbour, dtype kept).
-
-    Shape:
-        ``[S, H', W']`` (2D) or ``[1, D', H', W']`` (3D) -> contiguous ``[i, j, k]``.
-    """
-    _check_network(labels, state, "invert_labels", channels=False)
-    t = labels if state.spatial_dims == 2 else labels[0]
-    t = _nearest(_crop(t, state.padding), state.native_shape)
-    return _fresh(_to_original(t, state).contiguous(), labels)
-
-
-def _fresh(result: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Never hand back the caller's memory (no resampling, no padding and no permutation leave nothing to copy)."""
-    return result.clone() if result.data_ptr() == source.data_ptr() else result
