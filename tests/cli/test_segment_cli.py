@@ -197,3 +197,29 @@ def test_acdc_cases_keep_their_geometry(acdc_dir: Path, tmp_path: Path, checkpoi
         report = json.loads((out / f"{case}.json").read_text())
         assert report["shape"] == list(ref.shape) and report["input"] == str(image)
         assert os.path.getsize(out / f"{case}_conf.nii.gz") > 0
+
+
+def test_the_same_scan_stored_differently_gets_the_same_mask(tmp_path: Path, checkpoint: Path) -> None:
+    """Slice axis stored first and reversed, or an oblique header: the same physical scan, the same labels."""
+    ph = make_phantom(3, size=(96, 96), slices=5)
+    a, affine = ph.image, ph.affine
+    scans = tmp_path / "in"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(a, affine), scans / "orig.nii.gz")
+    # axes (k, i, j) with k reversed: voxel (k', i, j) is voxel (i, j, K-1-k') of the original
+    moved = np.ascontiguousarray(np.transpose(a, (2, 0, 1))[::-1])
+    index_map = np.zeros((4, 4))
+    index_map[0, 1] = index_map[1, 2] = index_map[3, 3] = 1.0
+    index_map[2, 0], index_map[2, 3] = -1.0, a.shape[2] - 1
+    nib.save(nib.Nifti1Image(moved, affine @ index_map), scans / "moved.nii.gz")
+    t = np.deg2rad(20.0)
+    tilt = np.array([[np.cos(t), -np.sin(t), 0, 0], [np.sin(t), np.cos(t), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(a, tilt @ affine), scans / "oblique.nii.gz")
+    out = tmp_path / "out"
+    code, output = segment(scans, "--out", out, "--model", checkpoint, "--device", "cpu")
+    assert code == 0, output
+    orig = np.asanyarray(nib.load(out / "orig_seg.nii.gz").dataobj)
+    moved_back = np.transpose(np.asanyarray(nib.load(out / "moved_seg.nii.gz").dataobj)[::-1], (1, 2, 0))
+    assert orig.any() and np.array_equal(moved_back, orig)
+    assert np.array_equal(np.asanyarray(nib.load(out / "oblique_seg.nii.gz").dataobj), orig)
+    assert np.allclose(nib.load(out / "moved_seg.nii.gz").affine, affine @ index_map)
