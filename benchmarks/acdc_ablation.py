@@ -148,36 +148,25 @@ def last_step(run_dir: Path) -> int:
 def evaluate_run(dataset: Path, run_dir: Path, device: str, checkpoint: str = "checkpoint_last.pt") -> dict[str, Any]:
     """Score ``run_dir/checkpoint`` (the student branch) on every val volume; writes ``val_per_case.csv``."""
     import numpy as np
-    import torch
 
     from confkd.data.dataset import NnUNetDataset
     from confkd.data.manifest import build_manifest_from_config
-    from confkd.inference.predict import predict_volume
-    from confkd.metrics import evaluate_case
     from confkd.training.checkpoint import build_model_from_checkpoint, load_checkpoint
-    from confkd.training.distributed import resolve_amp
-    from confkd.training.validation import read_validation_cases
+    from confkd.training.distributed import resolve_amp, resolve_device
+    from confkd.training.validation import read_validation_cases, score_cases
 
     ckpt = load_checkpoint(run_dir / checkpoint)
     model, config = build_model_from_checkpoint(ckpt)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    dev = resolve_device(device)
     model.to(dev)
     manifest = build_manifest_from_config(NnUNetDataset.open(dataset), config.data)
     cases = read_validation_cases(manifest, config.data.val_split, config.preprocess)
+    amp = resolve_amp(config.train.amp, dev)
+    scores = score_cases(model, cases, config, dev, amp, batch_size=16, branches=("student",))["student"]
     classes = list(range(1, config.model.num_classes))
     names = ckpt["labels"]["names"]
     rows = []
-    for case in cases:
-        pred = predict_volume(
-            model,
-            list(case.channels),
-            config.preprocess,
-            spacing=case.spacing,
-            device=dev,
-            batch_size=16,
-            autocast_dtype=resolve_amp(config.train.amp, dev),
-        )
-        m = evaluate_case(pred.student.argmax(0).cpu().numpy(), case.label, classes, case.spacing)
+    for case, m in zip(cases, scores, strict=True):
         row: dict[str, Any] = {"case": case.name}
         for c in classes:
             row[f"dice_{names[c]}"] = m.dice[c]

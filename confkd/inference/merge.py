@@ -33,7 +33,7 @@ from typing import Any
 
 from confkd.errors import ConfKDError
 from confkd.inference.inputs import display_path, shard_of
-from confkd.inference.outputs import FAILURES_FILE, SUMMARY_FILE
+from confkd.inference.outputs import FAILURES_FILE, SUMMARY_FILE, failure_records
 from confkd.inference.report import (
     CONFIDENCE_FLOOR,
     batch_flags,
@@ -86,28 +86,11 @@ class _Folder:
         return set(self.reports) | set(self.failed)
 
 
-def _failure_lines(path: Path) -> list[dict[str, Any]]:
-    """Every record of a ``failures.jsonl`` (malformed lines, such as a torn last line, are skipped)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("case"), str):
-            out.append(record)
-    return out
-
-
 def _read_folder(path: Path) -> _Folder:
     if not path.is_dir():
         raise MergeError(f"{display_path(path)}: not a folder; pass the --out folders of the segment shards")
     reports = load_reports(path)
-    lines = _failure_lines(path / FAILURES_FILE)
+    lines = failure_records(path / FAILURES_FILE)
     if not reports and not lines and not (path / SUMMARY_FILE).is_file():
         raise MergeError(
             f"{display_path(path)}: not a confkd segment output folder (no case reports, {SUMMARY_FILE} or "

@@ -48,6 +48,7 @@ __all__ = [
     "SUMMARY_FILE",
     "OutputDirError",
     "append_failures",
+    "failure_records",
     "is_complete",
     "output_names",
     "prepare_out_dir",
@@ -243,9 +244,10 @@ def _torn(path: Path) -> bool:
         return False
 
 
-def read_failures(path: Path) -> dict[str, dict[str, Any]]:
-    """The latest record per case in ``failures.jsonl`` (malformed lines, e.g. a torn last line, are skipped)."""
-    out: dict[str, dict[str, Any]] = {}
+def failure_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of a ``failures.jsonl``, in order, as stored (malformed lines, e.g. a torn last line, are
+    skipped; a missing file has none)."""
+    out: list[dict[str, Any]] = []
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
@@ -254,7 +256,15 @@ def read_failures(path: Path) -> dict[str, dict[str, Any]]:
         with contextlib.suppress(ValueError):
             record = json.loads(line)
             if isinstance(record, dict) and isinstance(record.get("case"), str):
-                # JSON may hold lone surrogates ("\udcff": an undecodable file name); they cannot be written as UTF-8
-                record = {k: printable(v) if isinstance(v, str) else v for k, v in record.items()}
-                out[record["case"]] = record
+                out.append(record)
+    return out
+
+
+def read_failures(path: Path) -> dict[str, dict[str, Any]]:
+    """The latest record per case in ``failures.jsonl`` (see :func:`failure_records`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in failure_records(path):
+        # JSON may hold lone surrogates ("\udcff": an undecodable file name); they cannot be written as UTF-8
+        record = {k: printable(v) if isinstance(v, str) else v for k, v in record.items()}
+        out[record["case"]] = record
     return out

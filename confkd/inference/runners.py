@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -20,7 +21,7 @@ from confkd.errors import ConfigError, ConfKDError, GeometryError
 from confkd.inference.manifest import Manifest
 from confkd.training.distributed import resolve_amp, resolve_device
 
-__all__ = ["Amp", "Runner", "RunnerError", "TorchRunner", "check_runner_input"]
+__all__ = ["Amp", "Runner", "RunnerError", "TorchRunner", "check_runner_input", "run_in_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ class Runner(Protocol):
     max_batch: int
 
     def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def run_in_batches(x: Tensor, max_batch: int, run: Callable[[Tensor], Tensor]) -> Tensor:
+    """``run`` on ``x`` at most ``max_batch`` samples at a time; the results concatenated along the batch axis."""
+    parts = [run(x[start : start + max_batch]) for start in range(0, x.shape[0], max_batch)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def check_runner_input(runner: Runner, x: Tensor) -> None:
@@ -180,17 +187,17 @@ class TorchRunner:
         x = x.to(device=self.device, dtype=torch.float32, non_blocking=True)
         if self.memory_format != torch.contiguous_format:
             x = x.contiguous(memory_format=self.memory_format)
-        parts = []
-        for start in range(0, x.shape[0], self.max_batch):
-            with self._autocast():
-                logits = self.network(x[start : start + self.max_batch])
-            if not isinstance(logits, Tensor):
-                raise RunnerError(
-                    f"the network returned {type(logits).__name__}, not a logits tensor; pass model.student_network()"
-                )
-            # softmax outside autocast, in float32; back to the standard layout the engine indexes
-            parts.append(torch.softmax(logits.float(), dim=1).contiguous())
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return run_in_batches(x, self.max_batch, self._probabilities)
+
+    def _probabilities(self, x: Tensor) -> Tensor:
+        with self._autocast():
+            logits = self.network(x)
+        if not isinstance(logits, Tensor):
+            raise RunnerError(
+                f"the network returned {type(logits).__name__}, not a logits tensor; pass model.student_network()"
+            )
+        # softmax outside autocast, in float32; back to the standard layout the engine indexes
+        return torch.softmax(logits.float(), dim=1).contiguous()
 
 
 class ExportedModelRunner:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from confkd.inference.manifest import Manifest
-from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input
+from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input, run_in_batches
 
 __all__ = ["OrtRunner", "ort_providers"]
 
@@ -83,11 +83,7 @@ class OrtRunner(ExportedModelRunner):
     def __call__(self, x: Tensor) -> Tensor:
         """``[N, C, *tile]`` float32 -> softmax probabilities ``[N, K, *tile]`` float32 on ``device``."""
         check_runner_input(self, x)
-        parts = []
-        for start in range(0, x.shape[0], self.max_batch):
-            chunk = x[start : start + self.max_batch]
-            parts.append(self._cuda(chunk) if self.device.type == "cuda" else self._cpu(chunk))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return run_in_batches(x, self.max_batch, self._cuda if self.device.type == "cuda" else self._cpu)
 
     def _cpu(self, x: Tensor) -> Tensor:
         array = np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from confkd.errors import ConfigError
 from confkd.inference.manifest import Manifest
-from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input
+from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input, run_in_batches
 
 __all__ = [
     "DATA_TYPE",
@@ -301,11 +301,11 @@ class TritonRunner(ExportedModelRunner):
     def __call__(self, x: Tensor) -> Tensor:
         """``[N, C, *tile]`` float32 -> softmax probabilities ``[N, K, *tile]`` float32 on the CPU."""
         check_runner_input(self, x)
-        parts = []
-        for start in range(0, x.shape[0], self.max_batch):
-            chunk = x[start : start + self.max_batch].detach().to("cpu", torch.float32)
-            parts.append(torch.from_numpy(self._infer(np.ascontiguousarray(chunk.numpy()))))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return run_in_batches(x, self.max_batch, self._infer_tensor)
+
+    def _infer_tensor(self, x: Tensor) -> Tensor:
+        chunk = x.detach().to("cpu", torch.float32)
+        return torch.from_numpy(self._infer(np.ascontiguousarray(chunk.numpy())))
 
     def _infer(self, array: np.ndarray) -> np.ndarray:
         inputs, outputs = build_request(self._http, array, self.input_name, self.output_name)

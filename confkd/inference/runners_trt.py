@@ -21,7 +21,7 @@ from torch import Tensor
 
 from confkd.errors import DeviceError
 from confkd.inference.manifest import Manifest
-from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input
+from confkd.inference.runners import ExportedModelRunner, RunnerError, check_runner_input, run_in_batches
 
 __all__ = [
     "SIDECAR_FIELDS",
@@ -133,8 +133,7 @@ class TrtRunner(ExportedModelRunner):  # pragma: no cover - needs TensorRT and a
         check_runner_input(self, x)
         if any(s < m for s, m in zip(x.shape[2:], self.min_tile, strict=True)):
             raise RunnerError(f"tensorrt runner: tile {tuple(x.shape[2:])} is below the profile's min {self.min_tile}")
-        parts = [self._run(x[i : i + self.max_batch]) for i in range(0, x.shape[0], self.max_batch)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return run_in_batches(x, self.max_batch, self._run)
 
     def _run(self, x: Tensor) -> Tensor:
         x = x.detach().to(self.device, torch.float32).contiguous()

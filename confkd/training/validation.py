@@ -19,10 +19,10 @@ from torch import nn
 from confkd.config import Config, PreprocessConfig
 from confkd.data.manifest import Manifest, Supervision
 from confkd.inference.predict import predict_volume
-from confkd.metrics import evaluate_case, summarize
+from confkd.metrics import CaseMetrics, evaluate_case, summarize
 from confkd.training.data import read_case
 
-__all__ = ["ValidationCase", "format_validation", "read_validation_cases", "validate"]
+__all__ = ["ValidationCase", "format_validation", "read_validation_cases", "score_cases", "validate"]
 
 BRANCHES = ("student", "teacher")
 
@@ -48,24 +48,22 @@ def read_validation_cases(manifest: Manifest, split: str, cfg: PreprocessConfig)
     return out
 
 
-def validate(
+def score_cases(
     model: nn.Module,
     cases: list[ValidationCase],
     config: Config,
-    label_names: tuple[str, ...],
     device: torch.device,
     amp: torch.dtype | None,
     batch_size: int,
-) -> dict[str, Any]:
-    """Per-class and mean Dice / HD95 (mm) of the student and the teacher on ``cases``.
+    branches: tuple[str, ...] = BRANCHES,
+) -> dict[str, list[CaseMetrics]]:
+    """Dice and HD95 per case of each of ``branches`` ("student", "teacher"), in the order of ``cases``.
 
-    Returns ``{"student": {"dice": {name: ...}, "hd95": {name: ...}, "mean_dice": ..., "mean_hd95": ...},
-    "teacher": {...}}`` with class names from ``label_names`` (background excluded); values averaged over the cases,
-    None where undefined (HD95 of an empty mask in every case). A single-branch model scores its one output twice.
-    The model is in eval mode meanwhile and back in its previous mode afterwards.
+    Every case is predicted whole on its own grid (one forward pass gives both branches); a single-branch model
+    scores its one output for both. The model is in eval mode meanwhile and back in its previous mode afterwards.
     """
     classes = list(range(1, config.model.num_classes))
-    scores: dict[str, list[Any]] = {branch: [] for branch in BRANCHES}
+    scores: dict[str, list[CaseMetrics]] = {branch: [] for branch in branches}
     was_training = model.training
     model.eval()
     try:
@@ -79,13 +77,34 @@ def validate(
                 batch_size=batch_size,
                 autocast_dtype=amp,
             )
-            student = pred.student.argmax(0).cpu().numpy()
-            same = pred.teacher is None or pred.teacher is pred.student
-            teacher = student if same else pred.teacher.argmax(0).cpu().numpy()  # type: ignore[union-attr]
-            scores["student"].append(evaluate_case(student, case.label, classes, case.spacing))
-            scores["teacher"].append(evaluate_case(teacher, case.label, classes, case.spacing))
+            labels = {"student": pred.student.argmax(0).cpu().numpy()}
+            if "teacher" in branches:
+                single = pred.teacher is None or pred.teacher is pred.student
+                labels["teacher"] = labels["student"] if single else pred.teacher.argmax(0).cpu().numpy()  # type: ignore[union-attr]
+            for branch in branches:
+                scores[branch].append(evaluate_case(labels[branch], case.label, classes, case.spacing))
     finally:
         model.train(was_training)
+    return scores
+
+
+def validate(
+    model: nn.Module,
+    cases: list[ValidationCase],
+    config: Config,
+    label_names: tuple[str, ...],
+    device: torch.device,
+    amp: torch.dtype | None,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Per-class and mean Dice / HD95 (mm) of the student and the teacher on ``cases`` (see :func:`score_cases`).
+
+    Returns ``{"student": {"dice": {name: ...}, "hd95": {name: ...}, "mean_dice": ..., "mean_hd95": ...},
+    "teacher": {...}}`` with class names from ``label_names`` (background excluded); values averaged over the cases,
+    None where undefined (HD95 of an empty mask in every case).
+    """
+    classes = list(range(1, config.model.num_classes))
+    scores = score_cases(model, cases, config, device, amp, batch_size)
     out: dict[str, Any] = {}
     for branch, cases_metrics in scores.items():
         summary = summarize(cases_metrics, classes)
